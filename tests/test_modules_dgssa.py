@@ -111,6 +111,20 @@ def test_eval_cache_dropped_after_optimizer_step_and_load_state_dict():
     assert not torch.equal(static.attention(), stale)
 
 
+def test_cache_made_under_inference_mode_is_not_reused_by_autograd():
+    static = DGSSA(make_attention(), N).eval()
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = static(x)
+    out = static(x)  # grad-enabled eval forward (e.g. a validation loss)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected.clone(), atol=0, rtol=0)
+    # Autograd must be able to save the eval attention itself, which an inference tensor forbids.
+    weight = torch.ones(N, dtype=torch.float64, requires_grad=True)
+    (static.attention() * weight).sum().backward()
+    assert weight.grad is not None
+
+
 def test_cache_follows_dtype_change():
     static = DGSSA(make_attention(), N).eval()
     assert static.attention().dtype == torch.float64

@@ -16,7 +16,7 @@ use the coarser tokens.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +50,22 @@ class GLAD(nn.Module):
         num_prefix_tokens: P, the class/distillation/register tokens at the front (passed through).
         in_grids: the grids whose row-major tokens make up the N_in input patch tokens, finest
             first: ``[(14, 14)]`` for the first stage, the previous stage's ``out_grids`` after.
+        device, dtype: of ``weight`` (default: CPU, the default dtype).
         scales: side lengths of the output pyramid, strictly decreasing, each at most the finest
             input grid's shorter side; M = sum(s * s).
 
     Parameter ``weight`` [M, N_in] (learnable); rows of the initial weight sum to 1.
     """
 
-    def __init__(self, num_prefix_tokens: int, in_grids: Sequence[Grid], scales: Sequence[int]) -> None:
+    def __init__(
+        self,
+        num_prefix_tokens: int,
+        in_grids: Sequence[Grid],
+        scales: Sequence[int],
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.in_grids: list[Grid] = [(int(h), int(w)) for h, w in in_grids]
@@ -64,7 +73,9 @@ class GLAD(nn.Module):
         _check_pyramid(self.num_prefix_tokens, self.in_grids, self.scales)
         self.in_tokens = sum(h * w for h, w in self.in_grids)
         self.out_tokens = sum(s * s for s in self.scales)
-        self.weight = nn.Parameter(pyramid_init(self.in_grids, self.scales))
+        # Built in float64 and cast once, so a float64 model gets exact 1/k weights (not float32 ones).
+        init = pyramid_init(self.in_grids, self.scales, torch.float64)
+        self.weight = nn.Parameter(init.to(device=device, dtype=dtype or torch.get_default_dtype()))
 
     @property
     def out_grids(self) -> list[Grid]:
