@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny timm ViTs and small image datasets created on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+
+
+def tiny_vit(arch: str = "deit_tiny_patch16_224", **overrides) -> torch.nn.Module:
+    """A random-init ViT small enough for fast tests (4x4 patch grid by default)."""
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, **{**TINY, **overrides}).eval()
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    return tiny_vit()
+
+
+def requires_shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the ../shared folder beside the checkout)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never reach the network; make hub lookups fail fast the same way on every machine.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
