@@ -1,0 +1,122 @@
+"""FLOP counting for any ``nn.Module`` (stock or converted ViTs), attention included.
+
+Built on ``torch.utils.flop_counter.FlopCounterMode``: one forward pass at batch 1 under
+``torch.inference_mode`` counts every matmul-like op (linear, conv, bmm, matmul, einsum, ...), so
+custom modules written with plain ops (DGSSA's ``attn @ v``, GLAD's ``weight @ tokens``) are counted
+without special cases. Convention: 1 multiply-accumulate (MAC) = 2 FLOPs; elementwise ops, softmax
+and norms are not counted (the usual convention for ViT figures: deit_tiny at 224 = 1.25 GMACs).
+
+Why a custom mapping: in this torch the CPU fused attention kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``) has no FLOP formula, so timm's fused
+attention would silently count as zero. We pass formulas for the fused attention ops that lack one
+to ``FlopCounterMode(custom_mapping=...)`` (per call, so nothing is registered globally).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+from vitcompress.errors import VitcompressError
+
+aten = torch.ops.aten
+
+# Fused attention ops whose FLOPs are those of softmax(q k^T) v; a formula is added for each one
+# that this torch does not already count (checked at call time, so a newer torch's own wins).
+_FUSED_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def _fused_attention_flop(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """q k^T and (scores) v: 2 x B x H x Nq x Nk x D FLOPs each (as torch's own sdpa formula)."""
+    return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _custom_mapping() -> dict[Any, Callable[..., int]]:
+    mapping: dict[Any, Callable[..., int]] = {}
+    for name in _FUSED_ATTENTION_OPS:
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            mapping[op] = _fused_attention_flop
+    return mapping
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) a model takes: export metadata, else its patch embedding, else timm's config.
+
+    Raises VitcompressError when none of these is known (pass ``input_size`` explicitly).
+    """
+    meta = getattr(model, "vitcompress_metadata", None) or {}
+    size = (meta.get("data_config") or {}).get("input_size")
+    if size is None:
+        pe = getattr(model, "patch_embed", None)
+        img_size = getattr(pe, "img_size", None)
+        proj = getattr(pe, "proj", None)
+        if img_size is not None and proj is not None and hasattr(proj, "in_channels"):
+            size = (int(proj.in_channels), int(img_size[0]), int(img_size[1]))
+    if size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size is None or len(size) != 3:
+        raise VitcompressError(
+            f"cannot tell the input size of {type(model).__name__}: pass input_size=(1, C, H, W)"
+        )
+    return int(size[0]), int(size[1]), int(size[2])
+
+
+def _example_input(model: nn.Module, input_size: Optional[Sequence[int]]) -> torch.Tensor:
+    if input_size is None:
+        shape: tuple[int, ...] = (1, *model_input_size(model))
+    else:
+        shape = tuple(int(s) for s in input_size)
+        if len(shape) == 3:
+            shape = (1, *shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise VitcompressError(f"input_size must be (batch, channels, height, width), got {tuple(input_size or ())}")
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def flop_counts(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict[str, int]:
+    """FLOPs of one forward pass per aten op (e.g. ``{"aten.addmm": ..., "aten.bmm": ...}``)."""
+    x = _example_input(model, input_size)
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    # inference_mode: no autograd bookkeeping (faster); the model's train/eval mode is left as is.
+    with torch.inference_mode(), counter:
+        model(x)
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+
+
+def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
+    """FLOPs (1 MAC = 2 FLOPs) of one forward pass of ``model`` on an input of ``input_size``.
+
+    ``input_size`` is ``(batch, C, H, W)`` (default: batch 1 at the model's own input size, see
+    ``model_input_size``); FLOPs scale linearly with the batch. The input is created on the
+    model's device and dtype. Costs one real forward pass.
+    """
+    return sum(flop_counts(model, input_size).values())
+
+
+def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
+    """Multiply-accumulates of one forward pass: ``count_flops(...) // 2``."""
+    return count_flops(model, input_size) // 2
+
+
+def format_flops(flops: float) -> str:
+    """``1.25e9`` -> ``"1.25 G"`` (for tables)."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f} "
+
+
+__all__ = ["count_flops", "count_macs", "flop_counts", "format_flops", "model_input_size"]
