@@ -1,0 +1,562 @@
+"""The whole pipeline as one call: analyze -> plan -> convert -> fine-tune -> export.
+
+``compress(...)`` is what ``vitcompress compress`` runs; ``continue_finetune(...)`` is what
+``vitcompress finetune`` runs. Stages chain through the output folder
+``./vitcompress-out/<model>/``: ``analysis.json`` (+ attention means) from ``analyze``,
+``plan.json``, the fine-tuning work folder ``finetune/`` (checkpoints and ``run.json``, which holds
+everything needed to continue the run) and the exported ``model.safetensors``.
+
+Under ``torchrun`` every process runs ``compress``; rank 0 analyses and plans and sends the plan
+and attention means to the others, all processes fine-tune together, and rank 0 measures and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from vitcompress._io import write_json_atomic
+from vitcompress.errors import DataError, VitcompressError
+from vitcompress.finetune import FinetuneConfig, FinetuneResult, barrier, evaluate_top1, init_distributed
+from vitcompress.plan import Plan
+
+OUTPUT_ROOT = Path("vitcompress-out")
+ANALYSIS_JSON = "analysis.json"
+PLAN_JSON = "plan.json"
+MODEL_FILE = "model.safetensors"
+WORKDIR_NAME = "finetune"
+RUN_FILE = "run.json"
+DEMO = "demo"
+# When a dataset has a single split, this share of it (at most HOLDOUT_MAX images) is held out for top-1.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX = 2000
+VAL_PREFERENCE = ("test", "validation", "val", "valid")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CompressResult:
+    """What ``compress``/``continue_finetune`` produced and measured."""
+
+    output: Optional[Path]
+    out_dir: Path
+    model_id: str
+    plan: Plan
+    teacher_top1: Optional[float] = None
+    student_top1_before: Optional[float] = None  # after conversion, before fine-tuning
+    student_top1: Optional[float] = None
+    speedup: Optional[dict[str, Any]] = None
+    finetune: Optional[FinetuneResult] = None
+    analysis_path: Optional[Path] = None
+    workdir: Optional[Path] = None
+    model: Optional[nn.Module] = field(default=None, repr=False)  # the compressed model (eval mode, CPU)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output) if self.output else None,
+            "out_dir": str(self.out_dir),
+            "model": self.model_id,
+            "plan": self.plan.to_dict(),
+            "teacher_top1": self.teacher_top1,
+            "student_top1_before_finetune": self.student_top1_before,
+            "student_top1": self.student_top1,
+            "speedup": self.speedup,
+            "finetune": self.finetune.to_dict() if self.finetune else None,
+            "analysis": str(self.analysis_path) if self.analysis_path else None,
+            "workdir": str(self.workdir) if self.workdir else None,
+        }
+
+
+# ---- folders ---------------------------------------------------------------------------------
+def model_slug(model_id: str) -> str:
+    """A folder name for a model id: ``deit_small``, ``org_name`` (hf-hub), the folder's name
+    (local-dir). The same rule as ``vitcompress analyze --out``'s default, so stages find each other."""
+    name = model_id.strip()
+    if name.startswith("local-dir:"):
+        name = Path(name[len("local-dir:") :].rstrip("/")).name
+    elif name.startswith("hf-hub:"):
+        name = name[len("hf-hub:") :]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def output_dir_for(model_id: str, root: str | Path = OUTPUT_ROOT) -> Path:
+    """``<root>/<model slug>``: where every stage writes for this model."""
+    return Path(root) / model_slug(model_id)
+
+
+def find_latest_analysis(root: str | Path = OUTPUT_ROOT) -> Optional[Path]:
+    """The most recently written ``<root>/*/analysis.json``, or None."""
+    candidates = [p for p in Path(root).glob(f"*/{ANALYSIS_JSON}") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def find_latest_workdir(root: str | Path = OUTPUT_ROOT) -> Optional[Path]:
+    """The most recently updated fine-tuning folder (``<root>/*/finetune/run.json``), or None."""
+    candidates = [p.parent for p in Path(root).glob(f"*/{WORKDIR_NAME}/{RUN_FILE}") if p.is_file()]
+    return max(candidates, key=_last_activity) if candidates else None
+
+
+def _last_activity(workdir: Path) -> float:
+    return max(p.stat().st_mtime for p in workdir.iterdir() if p.is_file())
+
+
+# ---- data ------------------------------------------------------------------------------------
+def load_train_val(
+    source: str,
+    data_config: dict[str, Any],
+    *,
+    split: Optional[str] = None,
+    val_split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    log: Log = print,
+) -> tuple[Any, Any]:
+    """The training split (``split``, default ``train``) and a held-out split for top-1
+    (``val_split``, default test/validation; with a single split, a fixed 10% of it is held out).
+
+    Both use the deterministic eval preprocessing: fine-tuning augments batches itself.
+    """
+    from vitcompress.data import SPLIT_PREFERENCE, load_data
+
+    columns = {"image_column": image_column, "label_column": label_column}
+    prefer = ("train",) + tuple(s for s in SPLIT_PREFERENCE if s != "train")
+    train = load_data(source, split=split, data_config=data_config, prefer=prefer, **columns)
+    if val_split is not None:
+        if val_split == train.split:
+            raise DataError(f"--val-split {val_split} is the training split: hold out another split")
+        return train, load_data(source, split=val_split, data_config=data_config, **columns)
+    others = [s for s in VAL_PREFERENCE if s in train.splits and s != train.split]
+    if others:
+        return train, load_data(source, split=others[0], data_config=data_config, **columns)
+    return _hold_out(train, log)
+
+
+def _hold_out(data: Any, log: Log) -> tuple[Any, Any]:
+    from torch.utils.data import Subset
+
+    n = len(data)
+    count = min(HOLDOUT_MAX, max(1, round(n * HOLDOUT_FRACTION)))
+    if n - count < 1:
+        raise DataError(f"--data {data.source}: {n} image(s) are too few to both train and evaluate")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    val_idx, train_idx = sorted(order[:count]), sorted(order[count:])
+    log(f"{data.source} has one split ('{data.split}'): holding out {count} of its {n} images for top-1")
+    train = dataclasses.replace(data, dataset=Subset(data.dataset, train_idx), split=f"{data.split}[holdout-rest]")
+    val = dataclasses.replace(data, dataset=Subset(data.dataset, val_idx), split=f"{data.split}[holdout]")
+    return train, val
+
+
+# ---- speed -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def measure_speedup(
+    teacher: nn.Module,
+    student: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    batch_size: int = 32,
+    rounds: int = 9,
+    warmup: int = 2,
+    device: Optional[torch.device | str] = None,
+) -> dict[str, Any]:
+    """Quick interleaved timing of ``teacher`` and ``student`` on one random batch.
+
+    Alternating the two (and their order) spreads drift in machine load over both; the result is
+    the ratio of median batch latencies. ``vitcompress bench`` does the careful measurement.
+    """
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    x = torch.randn(batch_size, *input_size, device=device)
+    teacher.eval(), student.eval()
+    runners = {"teacher": lambda: teacher(x), "student": lambda: student(x)}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    samples = _interleaved(runners, warmup, rounds, sync)
+    t, s = statistics.median(samples["teacher"]), statistics.median(samples["student"])
+    return {
+        "speedup": t / s,
+        "teacher_ms": 1e3 * t,
+        "student_ms": 1e3 * s,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "method": "ratio of median batch latencies, interleaved rounds",
+    }
+
+
+def _interleaved(runners: dict[str, Callable[[], Any]], warmup: int, rounds: int, sync: Any) -> dict[str, list[float]]:
+    """bench.py's interleaved timer (gc paused, order rotated each round), or a plain one."""
+    try:
+        from vitcompress.bench import measure_interleaved
+    except ImportError:
+        measure_interleaved = None
+    if measure_interleaved is not None:
+        return measure_interleaved(runners, warmup=warmup, repeats=rounds, sync=sync)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(warmup + rounds):
+        for name in list(runners)[r % 2 :] + list(runners)[: r % 2]:
+            start = time.perf_counter()
+            runners[name]()
+            if sync is not None:
+                sync()
+            if r >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+# ---- the pipeline ----------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """What compress resolved from its arguments (and from an earlier analysis)."""
+
+    model_id: str
+    data: str
+    analysis_path: Optional[Path]
+    out_dir: Path
+
+
+def _resolve_inputs(model: Optional[str], data: Optional[str], analysis: Optional[str | Path], plan: Any, out_root: Path, log: Log) -> _Inputs:
+    from vitcompress.analyze import load_analysis
+
+    analysis_path = Path(analysis) if analysis is not None else None
+    if analysis_path is not None and analysis_path.is_dir():
+        analysis_path = analysis_path / ANALYSIS_JSON
+    if analysis_path is None and model is None and plan is None:
+        analysis_path = find_latest_analysis(out_root)
+        if analysis_path is None:
+            log(f"no model named and no analysis in {out_root}/: running on the built-in demo model and data")
+        else:
+            log(f"continuing from the latest analysis: {analysis_path}")
+    recorded = load_analysis(analysis_path, load_means=False) if analysis_path is not None else None
+    if recorded is not None and model is not None and model != recorded.model_id:
+        log(f"note: the analysis in {analysis_path} was made for '{recorded.model_id}', not '{model}'")
+    model_id = model or (recorded.model_id if recorded is not None else DEMO)
+    if data is None and recorded is not None and recorded.data_source:
+        data = _source_of(recorded.data_source)
+        log(f"using the analysis' images: --data {data}")
+    if data is None:
+        if model_id != DEMO:
+            raise DataError(f"fine-tuning '{model_id}' needs images: pass --data (a folder, parquet files or a dataset id)")
+        data = DEMO
+    return _Inputs(model_id, data, analysis_path, output_dir_for(model_id, out_root))
+
+
+def _source_of(recorded: str) -> str:
+    """The --data value inside an analysis' data description (``"demo [test]"`` -> ``"demo"``)."""
+    match = re.fullmatch(r"(.*) \[[^\]]*\]", recorded.strip())
+    return match.group(1) if match else recorded.strip()
+
+
+def _load_teacher(model_id: str, checkpoint: Optional[str], random_init: bool, seed: int) -> tuple[nn.Module, Any]:
+    from vitcompress.models import load_model
+
+    if random_init:
+        torch.manual_seed(seed)  # a reproducible random teacher, so `vitcompress finetune` can rebuild it
+    return load_model(model_id, checkpoint=checkpoint, random_init=random_init)
+
+
+def _analysis_and_plan(
+    teacher: nn.Module, train: Any, inputs: _Inputs, budget: Any, plan: Any, calibrate: bool, samples: int, log: Log, progress: bool
+) -> tuple[Plan, Optional[dict[int, torch.Tensor]], Optional[Path]]:
+    """On rank 0: load or run the analysis, load or make the plan, save both."""
+    from vitcompress.analyze import analyze, load_analysis, save_analysis
+
+    means = None
+    analysis_path = inputs.analysis_path
+    if isinstance(plan, Plan) or plan is not None:
+        loaded = plan if isinstance(plan, Plan) else _read_plan(Path(plan))
+        if analysis_path is not None:
+            means = load_analysis(analysis_path).attention_means
+        else:
+            log("a plan was given without an analysis: static layers start from uniform attention")
+        return loaded, means, analysis_path
+    if analysis_path is not None:
+        result = load_analysis(analysis_path)
+    else:
+        log(f"analyzing attention on {min(samples, len(train))} images of {train.source} [{train.split}]")
+        result = analyze(teacher, train, samples=samples, model_id=inputs.model_id, data_source=inputs.data, progress=progress)
+        analysis_path = save_analysis(result, inputs.out_dir)["json"]
+        log(f"analysis written to {analysis_path}")
+    from vitcompress.plan import make_plan
+
+    made = make_plan(teacher, result, budget, calibrate=calibrate)
+    write_json_atomic(inputs.out_dir / PLAN_JSON, made.to_dict())
+    log(f"plan written to {inputs.out_dir / PLAN_JSON}: static attention in blocks {made.static_layers}, "
+        f"token aggregation {[(r.before_block, r.scales) for r in made.reductions]}")
+    return made, result.attention_means, analysis_path
+
+
+def _read_plan(path: Path) -> Plan:
+    if not path.is_file():
+        raise VitcompressError(f"--plan {path}: no such file; make one with `vitcompress plan`")
+    try:
+        return Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise VitcompressError(f"--plan {path} is not valid JSON ({exc})") from None
+
+
+def _share(obj: Any) -> Any:
+    """Rank 0's value on every process (identity with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def compress(
+    model: Optional[str] = None,
+    budget: str | float = "2x",
+    *,
+    data: Optional[str] = None,
+    split: Optional[str] = None,
+    val_split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    analysis: Optional[str | Path] = None,
+    plan: Optional[str | Path | Plan] = None,
+    finetune: bool = True,
+    config: Optional[FinetuneConfig] = None,
+    output: Optional[str | Path] = None,
+    force: bool = False,
+    calibrate: bool = True,
+    samples: int = 256,
+    checkpoint: Optional[str] = None,
+    random_init: bool = False,
+    out_root: str | Path = OUTPUT_ROOT,
+    measure_speed: bool = True,
+    log: Optional[Log] = None,
+) -> CompressResult:
+    """Compress a timm ViT end to end and write one ``.safetensors`` file.
+
+    With no ``model``, ``analysis`` or ``plan``, continues from the newest analysis in
+    ``out_root`` (saying which), or runs on the built-in demo. ``analysis`` (a folder or its
+    ``analysis.json``) skips the analysis; ``plan`` (a ``plan.json`` or a ``Plan``) skips planning.
+    ``config`` sets fine-tuning (``finetune=False`` exports the converted model as is); with
+    ``config.resume`` and a previous run in the work folder, that run's plan is reused and
+    fine-tuning continues from its last checkpoint. ``output`` defaults to
+    ``<out_root>/<model>/model.safetensors`` and is not overwritten unless ``force``.
+    """
+    from vitcompress.convert import convert
+    from vitcompress.export import check_writable
+
+    info = init_distributed()
+    log = _rank0_log(log, info.is_main)
+    cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()
+    cfg.validate()
+    out_root = Path(out_root)
+    inputs = _resolve_inputs(model, data, analysis, plan, out_root, log)
+    output_path = Path(output) if output is not None else inputs.out_dir / MODEL_FILE
+    check_writable(output_path, force)  # before any long work
+    if cfg.workdir is None:
+        cfg.workdir = str(inputs.out_dir / WORKDIR_NAME)
+    if cfg.augment == "auto":
+        cfg.augment = "shift" if inputs.data == DEMO else "flip-shift"  # a mirrored digit is another digit
+    previous = _previous_run(cfg, finetune, log)
+    if previous is not None:
+        return _continue(previous, cfg, output_path, force, measure_speed, log)
+
+    teacher, spec = _load_teacher(inputs.model_id, checkpoint, random_init, cfg.seed)
+    train, val = load_train_val(inputs.data, spec.data_config, split=split, val_split=val_split,
+                                image_column=image_column, label_column=label_column, log=log)
+    if info.is_main:
+        plan_obj, means, analysis_path = _analysis_and_plan(
+            teacher, train, inputs, budget, plan, calibrate, samples, log, cfg.progress)
+        shared = (plan_obj.to_dict(), means, str(analysis_path) if analysis_path else None)
+    else:
+        shared = None
+    plan_dict, means, analysis_str = _share(shared)
+    plan_obj = Plan.from_dict(plan_dict)
+    student = convert(teacher, plan_obj, means)
+    run = {
+        "model": inputs.model_id, "checkpoint": checkpoint, "random_init": random_init, "spec": spec.to_dict(),
+        "plan": plan_obj.to_dict(), "budget": str(budget), "data": inputs.data, "split": split, "val_split": val_split,
+        "image_column": image_column, "label_column": label_column, "analysis": analysis_str,
+    }
+    result = CompressResult(output_path, inputs.out_dir, inputs.model_id, plan_obj,
+                            analysis_path=Path(analysis_str) if analysis_str else None)
+    return _train_measure_export(teacher, student, spec, train, val, run, cfg, finetune, result, force, measure_speed, log)
+
+
+def _rank0_log(log: Optional[Log], is_main: bool) -> Log:
+    if not is_main:
+        return lambda message: None
+    if log is not None:
+        return log
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda message: console.print(message, highlight=False, soft_wrap=True)
+
+
+def _previous_run(cfg: FinetuneConfig, finetune: bool, log: Log) -> Optional[dict[str, Any]]:
+    """The run.json of the work folder when resuming a run that has a checkpoint."""
+    from vitcompress.finetune import checkpoint_path
+
+    run_file = Path(cfg.workdir) / RUN_FILE  # type: ignore[arg-type]
+    if not (finetune and cfg.resume and run_file.is_file() and checkpoint_path(cfg.workdir).is_file()):  # type: ignore[arg-type]
+        return None
+    log(f"--resume: continuing the run in {cfg.workdir} with its own plan (analysis and planning skipped)")
+    return json.loads(run_file.read_text(encoding="utf-8"))
+
+
+def _train_measure_export(
+    teacher: nn.Module, student: nn.Module, spec: Any, train: Any, val: Any, run: dict[str, Any], cfg: FinetuneConfig,
+    do_finetune: bool, result: CompressResult, force: bool, measure_speed: bool, log: Log,
+) -> CompressResult:
+    from vitcompress.export import export
+    from vitcompress.finetune import default_device, dist_info, finetune
+
+    info = dist_info()
+    device = torch.device(cfg.device) if cfg.device else default_device(info)
+    teacher.to(device)
+    eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 64)
+    eval_kw = {"batch_size": eval_bs, "device": device, "num_workers": cfg.num_workers}
+    if "teacher_top1" in run:
+        result.teacher_top1, result.student_top1_before = run["teacher_top1"], run.get("student_top1_before")
+    else:
+        result.teacher_top1 = evaluate_top1(teacher, val, **eval_kw)
+        result.student_top1_before = evaluate_top1(student.to(device), val, **eval_kw)
+        run.update(teacher_top1=result.teacher_top1, student_top1_before=result.student_top1_before)
+        log(f"top-1 on {val.source} [{val.split}]: teacher {_pct(result.teacher_top1)}, "
+            f"converted student before fine-tuning {_pct(result.student_top1_before)}")
+    result.student_top1 = result.student_top1_before
+    if do_finetune:
+        result.workdir = Path(cfg.workdir)  # type: ignore[arg-type]
+        if info.is_main:
+            write_json_atomic(result.workdir / RUN_FILE, {**run, "config": cfg.to_dict(), "output": str(result.output)})
+        result.finetune = finetune(student, teacher, train, val, cfg, log=log)
+        if result.finetune.val_top1 is not None:
+            result.student_top1 = result.finetune.val_top1
+    if info.is_main:
+        _measure_and_export(teacher, student, spec, run, cfg, result, force, measure_speed, device, log, export)
+    barrier()
+    result.model = student.cpu().eval()
+    return result
+
+
+def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: dict[str, Any], cfg: FinetuneConfig,
+                        result: CompressResult, force: bool, measure_speed: bool, device: torch.device, log: Log, export: Any) -> None:
+    from vitcompress.export import input_size_of
+
+    student.eval()
+    input_size = input_size_of(student, {"data_config": spec.data_config})
+    if measure_speed:
+        result.speedup = measure_speedup(teacher, student, input_size, device=device)
+        log(f"speed-up {result.speedup['speedup']:.2f}x (batch {result.speedup.get('batch_size')}, "
+            f"{result.speedup.get('threads')} threads, {result.speedup.get('device')})")
+    metadata = {
+        "model": spec.to_dict(),
+        "data_config": spec.data_config,
+        "plan": result.plan.to_dict(),
+        "teacher_top1": result.teacher_top1,
+        "student_top1": result.student_top1,
+        "student_top1_before_finetune": result.student_top1_before,
+        "speedup": result.speedup,
+        "data": {"source": run["data"], "split": run.get("split"), "val_split": run.get("val_split")},
+        "finetune": ({**result.finetune.to_dict(), "config": cfg.to_dict()} if result.finetune else None),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    export(student.cpu(), result.output, metadata, force=force)
+    log(f"wrote {result.output}")
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"
+
+
+# ---- continuing a run ------------------------------------------------------------------------
+def continue_finetune(
+    workdir: Optional[str | Path] = None,
+    *,
+    overrides: Optional[dict[str, Any]] = None,
+    output: Optional[str | Path] = None,
+    force: bool = False,
+    out_root: str | Path = OUTPUT_ROOT,
+    measure_speed: bool = True,
+    log: Optional[Log] = None,
+) -> CompressResult:
+    """Continue the fine-tuning run in ``workdir`` (default: the newest one under ``out_root``)
+    from its last checkpoint, then export.
+
+    ``overrides`` changes ``FinetuneConfig`` fields of the run, e.g. ``{"epochs": 3}`` to train
+    longer (giving ``epochs`` drops the run's ``steps`` and the reverse). The output defaults to
+    the run's own output, which is only replaced with ``force``.
+    """
+    info = init_distributed()
+    log = _rank0_log(log, info.is_main)
+    folder = Path(workdir) if workdir is not None else find_latest_workdir(out_root)
+    if folder is None:
+        raise VitcompressError(f"no fine-tuning run under {out_root}/: start one with `vitcompress compress`")
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise VitcompressError(f"{folder} holds no {RUN_FILE}: it is not a vitcompress fine-tuning folder")
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    if workdir is None:
+        log(f"continuing the latest run: {folder}")
+    cfg = FinetuneConfig.from_dict({**run["config"], **_length_overrides(overrides or {})})
+    cfg.workdir, cfg.resume = str(folder), True
+    if cfg.augment == "auto":
+        cfg.augment = "shift" if run["data"] == DEMO else "flip-shift"
+    cfg.validate()
+    output_path = Path(output) if output is not None else Path(run["output"])
+    from vitcompress.export import check_writable
+
+    check_writable(output_path, force)
+    return _continue(run, cfg, output_path, force, measure_speed, log)
+
+
+def _length_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A new length replaces the old one: --epochs clears the run's steps and the reverse."""
+    out = dict(overrides)
+    if out.get("epochs") is not None and "steps" not in out:
+        out["steps"] = None
+    if out.get("steps") is not None and "epochs" not in out:
+        out["epochs"] = None
+    return out
+
+
+def _continue(run: dict[str, Any], cfg: FinetuneConfig, output: Path, force: bool, measure_speed: bool, log: Log) -> CompressResult:
+    from vitcompress.convert import convert
+    from vitcompress.finetune import checkpoint_path
+
+    if not checkpoint_path(cfg.workdir).is_file():  # type: ignore[arg-type]
+        log(f"no checkpoint in {cfg.workdir} yet: fine-tuning starts from the converted model")
+    teacher, spec = _load_teacher(run["model"], run.get("checkpoint"), bool(run.get("random_init")), int(run["config"].get("seed", 0)))
+    plan = Plan.from_dict(run["plan"])
+    means = None
+    if not checkpoint_path(cfg.workdir).is_file() and run.get("analysis"):  # type: ignore[arg-type]
+        from vitcompress.analyze import load_analysis
+
+        means = load_analysis(run["analysis"]).attention_means
+    # With a checkpoint, static layers may start uniform: the checkpoint holds their trained logits.
+    student = convert(teacher, plan, means)
+    train, val = load_train_val(run["data"], spec.data_config, split=run.get("split"), val_split=run.get("val_split"),
+                                image_column=run.get("image_column"), label_column=run.get("label_column"), log=log)
+    analysis = run.get("analysis")
+    result = CompressResult(output, output.parent, run["model"], plan, analysis_path=Path(analysis) if analysis else None)
+    return _train_measure_export(teacher, student, spec, train, val, run, cfg, True, result, force, measure_speed, log)
+
+
+__all__ = [
+    "CompressResult",
+    "OUTPUT_ROOT",
+    "compress",
+    "continue_finetune",
+    "find_latest_analysis",
+    "find_latest_workdir",
+    "load_train_val",
+    "measure_speedup",
+    "model_slug",
+    "output_dir_for",
+]

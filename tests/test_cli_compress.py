@@ -1,0 +1,90 @@
+"""`vitcompress compress`, `finetune` and `export` on a tiny local model and the demo digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+from typer.testing import CliRunner
+
+from vitcompress.cli import app
+from vitcompress.export import read_metadata
+from vitcompress.plan import Plan, Reduction
+
+from conftest import TINY, tiny_vit
+
+runner = CliRunner()
+PLAN = Plan(static_layers=[0, 1], reductions=[Reduction(2, [2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
+FAST = ["--batch-size", "16", "--workers", "0", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # --threads 1 sets it for the rest of the process
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """A tiny local model, its plan file, and a fresh working folder."""
+    folder = tmp_path / "models" / "tiny-vit"
+    save_for_hf(tiny_vit(num_classes=10), folder, model_args={**TINY, "num_classes": 10}, safe_serialization=True)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(PLAN.to_dict()))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return f"local-dir:{folder}", plan
+
+
+def test_compress_finetune_export(setup: tuple[str, Path]) -> None:
+    model, plan = setup
+    args = ["compress", model, "--plan", str(plan), "--data", "demo", "--steps", "2", *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for text in ("teacher top-1", "student top-1 (fine-tuned)", "measured speed-up", "model.safetensors"):
+        assert text in result.stdout
+    output = Path("vitcompress-out/tiny-vit/model.safetensors")
+    assert read_metadata(output)["finetune"]["steps"] == 2
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    forced = runner.invoke(app, [*args, "--force", "--no-finetune", "--no-speed"])
+    assert forced.exit_code == 0, forced.output
+    assert read_metadata(output)["finetune"] is None
+
+    more = runner.invoke(app, ["finetune", "vitcompress-out/tiny-vit/finetune", "--steps", "3", "-o", "more.safetensors",
+                               "--no-speed", "--workers", "0", "--threads", "1", "--json"])
+    assert more.exit_code == 0, more.output
+    report = json.loads(more.stdout)
+    assert report["finetune"]["steps"] == 3 and report["finetune"]["resumed_from"] == 2
+
+    onnx = runner.invoke(app, ["export", "more.safetensors", "--onnx", "more.onnx"])
+    assert onnx.exit_code == 0, onnx.output
+    assert Path("more.onnx").is_file() and "max |onnx - torch|" in onnx.stdout
+    refused = runner.invoke(app, ["export", "more.safetensors", "--onnx", "more.onnx"])
+    assert refused.exit_code == 2 and "--force" in refused.output
+
+
+def test_export_rejects_foreign_file(tmp_path: Path) -> None:
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    result = runner.invoke(app, ["export", str(foreign)])
+    assert result.exit_code == 2 and "not a vitcompress model" in result.output
+    assert not (tmp_path / "weights.onnx").exists()
+
+
+def test_epochs_and_steps_are_exclusive(setup: tuple[str, Path]) -> None:
+    model, plan = setup
+    result = runner.invoke(app, ["compress", model, "--plan", str(plan), "--data", "demo", "--epochs", "1", "--steps", "2"])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_finetune_without_a_run_says_what_to_do(setup: tuple[str, Path]) -> None:
+    result = runner.invoke(app, ["finetune"])
+    assert result.exit_code == 2 and "vitcompress compress" in result.output

@@ -1,0 +1,199 @@
+"""The chained pipeline: output folders, finding the latest analysis, data splits, compress end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+from vitcompress.analyze import analyze, save_analysis
+from vitcompress.data import load_data
+from vitcompress.errors import DataError, VitcompressError
+from vitcompress.export import load, read_metadata
+from vitcompress.finetune import FinetuneConfig, checkpoint_path
+from vitcompress.pipeline import (
+    _resolve_inputs,
+    compress,
+    continue_finetune,
+    find_latest_analysis,
+    find_latest_workdir,
+    load_train_val,
+    measure_speedup,
+    model_slug,
+    output_dir_for,
+)
+from vitcompress.plan import Plan, Reduction
+
+from conftest import TINY, tiny_vit
+
+PLAN = Plan(static_layers=[0, 1], reductions=[Reduction(2, [2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
+DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+               "crop_pct": 1.0, "crop_mode": "center"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread is ~10x faster than two on a shared, busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model_id(tmp_path: Path) -> str:
+    """A tiny 10-class ViT in timm's local format (what local-dir: reads)."""
+    folder = tmp_path / "models" / "tiny-vit"
+    save_for_hf(tiny_vit(num_classes=10), folder, model_args={**TINY, "num_classes": 10}, safe_serialization=True)
+    return f"local-dir:{folder}"
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def quick(**overrides: object) -> FinetuneConfig:
+    base = dict(steps=3, batch_size=16, num_workers=0, progress=False, checkpoint_every=2)
+    return FinetuneConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+# ---- folders ---------------------------------------------------------------------------------
+def test_model_slug() -> None:
+    assert model_slug("deit_small") == "deit_small"
+    assert model_slug("local-dir:/work/models/cifar10-vit12-d96/") == "cifar10-vit12-d96"
+    assert model_slug("hf-hub:timm/vit_base_patch16_224.augreg_in21k") == "timm_vit_base_patch16_224.augreg_in21k"
+    assert output_dir_for("demo", "out") == Path("out/demo")
+
+
+def test_slug_matches_analyze_command_default() -> None:
+    from vitcompress.cli.analyze import default_out_dir
+
+    for name in ("deit_small", "local-dir:/a/b/my model/", "hf-hub:org/name"):
+        assert output_dir_for(name) == default_out_dir(name)
+
+
+def _fake_analysis(folder: Path, mtime: float) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "analysis.json"
+    path.write_text("{}")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_find_latest_analysis(tmp_path: Path) -> None:
+    assert find_latest_analysis(tmp_path) is None
+    _fake_analysis(tmp_path / "a", 1_000_000)
+    newest = _fake_analysis(tmp_path / "b", 2_000_000)
+    _fake_analysis(tmp_path / "c", 1_500_000)
+    assert find_latest_analysis(tmp_path) == newest
+
+
+def test_compress_continues_from_latest_analysis(tmp_path: Path, tiny_model_id: str) -> None:
+    model = tiny_vit(num_classes=10)
+    images = load_data("demo", split="test", data_config=DATA_CONFIG, limit=16)
+    result = analyze(model, images, samples=16, model_id=tiny_model_id, data_source="demo [test]", progress=False)
+    older = save_analysis(result, tmp_path / "older")["json"]
+    os.utime(older, (1_000_000, 1_000_000))
+    newest = save_analysis(result, tmp_path / "newest")["json"]
+    messages: list[str] = []
+    inputs = _resolve_inputs(None, None, None, None, tmp_path, messages.append)
+    assert inputs.analysis_path == newest
+    assert inputs.model_id == tiny_model_id and inputs.data == "demo"
+    assert any(str(newest) in m for m in messages)  # it says which analysis it continues from
+
+
+def test_no_analysis_means_demo(tmp_path: Path) -> None:
+    messages: list[str] = []
+    inputs = _resolve_inputs(None, None, None, None, tmp_path, messages.append)
+    assert inputs.model_id == "demo" and inputs.data == "demo" and inputs.analysis_path is None
+    assert any("demo" in m for m in messages)
+
+
+def test_a_named_model_needs_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--data"):
+        _resolve_inputs("deit_small", None, None, None, tmp_path, quiet)
+
+
+# ---- data splits -----------------------------------------------------------------------------
+def test_train_and_test_splits_of_demo() -> None:
+    train, val = load_train_val("demo", DATA_CONFIG, log=quiet)
+    assert (train.split, val.split) == ("train", "test")
+    with pytest.raises(DataError, match="training split"):
+        load_train_val("demo", DATA_CONFIG, val_split="train", log=quiet)
+
+
+def test_single_split_folder_holds_out_a_fixed_part(tmp_path: Path) -> None:
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    messages: list[str] = []
+    train, val = load_train_val(str(tmp_path), DATA_CONFIG, log=messages.append)
+    assert (len(train), len(val)) == (18, 2)
+    assert set(train.dataset.indices).isdisjoint(val.dataset.indices)
+    again, _ = load_train_val(str(tmp_path), DATA_CONFIG, log=quiet)
+    assert again.dataset.indices == train.dataset.indices
+    assert any("holding out 2" in m for m in messages)
+
+
+def test_measure_speedup_reports_its_conditions() -> None:
+    teacher = tiny_vit(num_classes=10)
+    from vitcompress.convert import convert
+
+    result = measure_speedup(teacher, convert(teacher, PLAN), (3, 32, 32), batch_size=2, rounds=3, warmup=1)
+    assert result["teacher_ms"] > 0 and result["student_ms"] > 0
+    assert result["speedup"] == pytest.approx(result["teacher_ms"] / result["student_ms"])
+    assert result["threads"] == 1 and result["device"] == "cpu" and result["batch_size"] == 2
+
+
+# ---- end to end ------------------------------------------------------------------------------
+def test_compress_end_to_end(tmp_path: Path, tiny_model_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(PLAN.to_dict()))
+    result = compress(tiny_model_id, plan=plan_file, data="demo", config=quick(), log=quiet)
+
+    out_dir = Path("vitcompress-out/tiny-vit")
+    assert result.output == out_dir / "model.safetensors" and result.output.is_file()
+    assert result.plan.to_dict() == PLAN.to_dict()
+    assert result.finetune is not None and result.finetune.steps == 3
+    for value in (result.teacher_top1, result.student_top1_before, result.student_top1):
+        assert value is not None and 0.0 <= value <= 1.0
+    meta = read_metadata(result.output)
+    assert meta["plan"] == PLAN.to_dict() and meta["model"]["model_id"] == tiny_model_id
+    assert meta["teacher_top1"] == result.teacher_top1 and meta["student_top1"] == result.student_top1
+    assert meta["speedup"]["speedup"] == result.speedup["speedup"] > 0
+    assert meta["finetune"]["steps"] == 3
+
+    loaded = load(result.output)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (loaded(x) - result.model(x)).abs().max().item() < 1e-5
+    run = json.loads((out_dir / "finetune" / "run.json").read_text())
+    assert run["model"] == tiny_model_id and run["plan"] == PLAN.to_dict()
+    assert checkpoint_path(out_dir / "finetune").is_file()
+
+    # The output is not replaced without force, and the refusal comes before any work.
+    with pytest.raises(VitcompressError, match="--force"):
+        compress(tiny_model_id, plan=plan_file, data="demo", config=quick(), log=quiet)
+
+    # `vitcompress finetune` continues the newest run from its checkpoint.
+    assert find_latest_workdir() == out_dir / "finetune"
+    more = continue_finetune(overrides={"steps": 5}, output="more.safetensors", measure_speed=False, log=quiet)
+    assert more.finetune is not None and more.finetune.resumed_from == 3 and more.finetune.steps == 5
+    assert more.teacher_top1 == result.teacher_top1  # measured once, kept in run.json
+    assert read_metadata("more.safetensors")["finetune"]["steps"] == 5
+
+
+def test_no_finetune_exports_the_converted_model(tmp_path: Path, tiny_model_id: str) -> None:
+    result = compress(tiny_model_id, plan=PLAN, data="demo", finetune=False, measure_speed=False,
+                      output=tmp_path / "m.safetensors", out_root=tmp_path / "out", config=quick(), log=quiet)
+    assert result.finetune is None and result.speedup is None
+    assert result.student_top1 == result.student_top1_before
+    assert not (tmp_path / "out" / "tiny-vit" / "finetune").exists()
+    assert read_metadata(tmp_path / "m.safetensors")["finetune"] is None
