@@ -88,3 +88,16 @@ def test_epochs_and_steps_are_exclusive(setup: tuple[str, Path]) -> None:
 def test_finetune_without_a_run_says_what_to_do(setup: tuple[str, Path]) -> None:
     result = runner.invoke(app, ["finetune"])
     assert result.exit_code == 2 and "vitcompress compress" in result.output
+
+
+def test_staged_flow_analyze_then_compress(setup: tuple[str, Path]) -> None:
+    model, _ = setup
+    analyzed = runner.invoke(app, ["analyze", model, "--data", "demo", "--samples", "16"])
+    assert analyzed.exit_code == 0, analyzed.output
+    # No model, no analysis named: compress continues from the analysis just written, and says so.
+    result = runner.invoke(app, ["compress", "--budget", "1.5x", "--steps", "2", "--no-calibrate", "--no-speed", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "continuing from the latest analysis: vitcompress-out/tiny-vit/analysis.json" in result.output
+    assert Path("vitcompress-out/tiny-vit/plan.json").is_file()
+    meta = read_metadata("vitcompress-out/tiny-vit/model.safetensors")
+    assert meta["model"]["model_id"] == model and meta["plan"]["budget"] == "1.5x"

@@ -17,6 +17,7 @@ import json
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -268,11 +269,12 @@ def _analysis_and_plan(
 ) -> tuple[Plan, Optional[dict[int, torch.Tensor]], Optional[Path]]:
     """On rank 0: load or run the analysis, load or make the plan, save both."""
     from vitcompress.analyze import analyze, load_analysis, save_analysis
+    from vitcompress.plan import load_plan
 
     means = None
     analysis_path = inputs.analysis_path
     if isinstance(plan, Plan) or plan is not None:
-        loaded = plan if isinstance(plan, Plan) else _read_plan(Path(plan))
+        loaded = plan if isinstance(plan, Plan) else load_plan(plan)
         if analysis_path is not None:
             means = load_analysis(analysis_path).attention_means
         else:
@@ -281,26 +283,25 @@ def _analysis_and_plan(
     if analysis_path is not None:
         result = load_analysis(analysis_path)
     else:
-        log(f"analyzing attention on {min(samples, len(train))} images of {train.source} [{train.split}]")
+        log(f"analyzing attention on {min(samples, len(train))} images of {train.source} (split '{train.split}')")
         result = analyze(teacher, train, samples=samples, model_id=inputs.model_id, data_source=inputs.data, progress=progress)
         analysis_path = save_analysis(result, inputs.out_dir)["json"]
         log(f"analysis written to {analysis_path}")
-    from vitcompress.plan import make_plan
+    from vitcompress.plan import make_plan, save_plan
 
-    made = make_plan(teacher, result, budget, calibrate=calibrate)
-    write_json_atomic(inputs.out_dir / PLAN_JSON, made.to_dict())
-    log(f"plan written to {inputs.out_dir / PLAN_JSON}: static attention in blocks {made.static_layers}, "
-        f"token aggregation {[(r.before_block, r.scales) for r in made.reductions]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unreachable budget is reported below, on one line
+        made = make_plan(teacher, result, budget, calibrate=calibrate, log=log)
+    if not made.predicted.get("budget_met", True):
+        from vitcompress.plan import unreachable_message
+
+        log(f"warning: {unreachable_message(made)}")
+    path = save_plan(made, inputs.out_dir / PLAN_JSON)
+    predicted = made.predicted.get("speedup")
+    log(f"plan written to {path}: static attention in blocks {made.static_layers}, token aggregation "
+        f"{[(r.before_block, r.scales) for r in made.reductions]}"
+        + (f", predicted speed-up {predicted:.2f}x" if isinstance(predicted, (int, float)) else ""))
     return made, result.attention_means, analysis_path
-
-
-def _read_plan(path: Path) -> Plan:
-    if not path.is_file():
-        raise VitcompressError(f"--plan {path}: no such file; make one with `vitcompress plan`")
-    try:
-        return Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as exc:
-        raise VitcompressError(f"--plan {path} is not valid JSON ({exc})") from None
 
 
 def _share(obj: Any) -> Any:
@@ -428,7 +429,7 @@ def _train_measure_export(
         result.teacher_top1 = evaluate_top1(teacher, val, **eval_kw)
         result.student_top1_before = evaluate_top1(student.to(device), val, **eval_kw)
         run.update(teacher_top1=result.teacher_top1, student_top1_before=result.student_top1_before)
-        log(f"top-1 on {val.source} [{val.split}]: teacher {_pct(result.teacher_top1)}, "
+        log(f"top-1 on {val.source} (split '{val.split}'): teacher {_pct(result.teacher_top1)}, "
             f"converted student before fine-tuning {_pct(result.student_top1_before)}")
     result.student_top1 = result.student_top1_before
     if do_finetune:

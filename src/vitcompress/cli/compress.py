@@ -178,6 +178,10 @@ def export_command(
 
 
 def _print_result(result: Any, as_json: bool) -> None:
+    from vitcompress.finetune import dist_info
+
+    if not dist_info().is_main:
+        return  # under torchrun, rank 0 reports
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
