@@ -1,8 +1,9 @@
 """FLOP counting for any ``nn.Module`` (stock or converted ViTs), attention included.
 
-Built on ``torch.utils.flop_counter.FlopCounterMode``: one forward pass at batch 1 under
-``torch.inference_mode`` counts every matmul-like op (linear, conv, bmm, matmul, einsum, ...), so
-custom modules written with plain ops (DGSSA's ``attn @ v``, GLAD's ``weight @ tokens``) are counted
+Built on ``torch.utils.flop_counter.FlopCounterMode``: one forward pass under
+``torch.inference_mode`` (on shape-only meta tensors when the model allows it, so it costs no
+arithmetic) counts every matmul-like op (linear, conv, bmm, matmul, einsum, ...), so custom
+modules written with plain ops (DGSSA's ``attn @ v``, GLAD's ``weight @ tokens``) are counted
 without special cases. Convention: 1 multiply-accumulate (MAC) = 2 FLOPs; elementwise ops, softmax
 and norms are not counted (the usual convention for ViT figures: deit_tiny at 224 = 1.25 GMACs).
 
@@ -50,18 +51,20 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) a model takes: export metadata, else its patch embedding, else timm's config.
+    """(channels, height, width) a model takes: its patch embedding's, else the export metadata's,
+    else timm's pretrained config.
 
+    The patch embedding comes first because it is what the model actually runs at: timm keeps the
+    pretrained config's 224 when a model is created with another ``img_size``.
     Raises VitcompressError when none of these is known (pass ``input_size`` explicitly).
     """
+    pe = getattr(model, "patch_embed", None)
+    img_size = getattr(pe, "img_size", None)
+    in_chans = getattr(getattr(pe, "proj", None), "in_channels", None)
+    if img_size is not None and in_chans is not None:
+        return int(in_chans), int(img_size[0]), int(img_size[1])
     meta = getattr(model, "vitcompress_metadata", None) or {}
     size = (meta.get("data_config") or {}).get("input_size")
-    if size is None:
-        pe = getattr(model, "patch_embed", None)
-        img_size = getattr(pe, "img_size", None)
-        proj = getattr(pe, "proj", None)
-        if img_size is not None and proj is not None and hasattr(proj, "in_channels"):
-            size = (int(proj.in_channels), int(img_size[0]), int(img_size[1]))
     if size is None:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if size is None or len(size) != 3:
@@ -71,37 +74,71 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     return int(size[0]), int(size[1]), int(size[2])
 
 
-def _example_input(model: nn.Module, input_size: Optional[Sequence[int]]) -> torch.Tensor:
+def _input_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, ...]:
     if input_size is None:
-        shape: tuple[int, ...] = (1, *model_input_size(model))
-    else:
-        shape = tuple(int(s) for s in input_size)
-        if len(shape) == 3:
-            shape = (1, *shape)
+        return (1, *model_input_size(model))
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) == 3:
+        shape = (1, *shape)
     if len(shape) != 4 or min(shape) < 1:
-        raise VitcompressError(f"input_size must be (batch, channels, height, width), got {tuple(input_size or ())}")
+        raise VitcompressError(f"input_size must be (batch, channels, height, width), got {tuple(input_size)}")
+    return shape
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return ref.dtype if ref is not None else torch.float32
+
+
+def _count_on_meta(model: nn.Module, shape: tuple[int, ...]) -> dict[str, int]:
+    """Run the model on shape-only 'meta' tensors: no arithmetic, so the cost does not grow with
+    the model or the batch. The model's own tensors are swapped for meta ones during the call only."""
+    from torch.func import functional_call
+
+    state = {name: torch.empty_like(t, device="meta") for name, t in _named_tensors(model)}
+    x = torch.zeros(shape, dtype=_dtype_of(model), device="meta")
+    return _count(lambda: functional_call(model, state, (x,), tie_weights=False, strict=True))
+
+
+def _count_for_real(model: nn.Module, shape: tuple[int, ...]) -> dict[str, int]:
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    return torch.zeros(shape, device=device, dtype=dtype)
+    x = torch.zeros(shape, dtype=_dtype_of(model), device=device)
+    return _count(lambda: model(x))
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+def _count(forward: Callable[[], Any]) -> dict[str, int]:
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    # inference_mode: no autograd bookkeeping; the model's train/eval mode is left as is.
+    with torch.inference_mode(), counter:
+        forward()
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def flop_counts(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict[str, int]:
-    """FLOPs of one forward pass per aten op (e.g. ``{"aten.addmm": ..., "aten.bmm": ...}``)."""
-    x = _example_input(model, input_size)
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping())
-    # inference_mode: no autograd bookkeeping (faster); the model's train/eval mode is left as is.
-    with torch.inference_mode(), counter:
-        model(x)
-    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    """FLOPs of one forward pass per aten op (e.g. ``{"aten.addmm": ..., "aten.bmm": ...}``).
+
+    Runs on meta tensors (fast, no arithmetic); a model that cannot (an op without a meta
+    kernel, a value read from a tensor, a tensor made on a fixed device) runs for real instead.
+    """
+    shape = _input_shape(model, input_size)
+    try:
+        return _count_on_meta(model, shape)
+    except Exception:  # any failure on meta tensors: the real forward pass gives the same counts
+        return _count_for_real(model, shape)
 
 
 def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
     """FLOPs (1 MAC = 2 FLOPs) of one forward pass of ``model`` on an input of ``input_size``.
 
     ``input_size`` is ``(batch, C, H, W)`` (default: batch 1 at the model's own input size, see
-    ``model_input_size``); FLOPs scale linearly with the batch. The input is created on the
-    model's device and dtype. Costs one real forward pass.
+    ``model_input_size``); FLOPs scale linearly with the batch. Counting runs the forward pass
+    on shape-only meta tensors (about the Python overhead of one call), falling back to one real
+    forward pass on the model's device for models that cannot run on meta tensors.
     """
     return sum(flop_counts(model, input_size).values())
 

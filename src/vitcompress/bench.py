@@ -1,0 +1,850 @@
+"""Side-by-side speed, memory, FLOPs and accuracy of models, measured so that the figures can be trusted.
+
+How it measures (the README's "How bench measures" says the same for users):
+
+* Each model gets a fixed random input of its own size at each batch size. Only ``model(x)`` is
+  timed (``time.perf_counter``, ``torch.inference_mode``, ``torch.cuda.synchronize`` on GPU after
+  every call); no data loading, no host-device copies.
+* The models run interleaved: warm-up rounds, then ``repeats`` timed rounds, each round running
+  every model once, with the starting model rotated each round (A B, B A, A B, ...), so that
+  machine drift and order effects hit all models alike. The garbage collector is paused while
+  timing.
+* Per model and batch size: ms per image (median, quartiles, min, max over the timed rounds),
+  images/s (batch / median batch time), and the speed-up against the baseline: the ratio of
+  median times, with the quartiles of the per-round paired ratios as its spread.
+* Peak memory = the model's weights (parameters + buffers) + the peak extra memory one forward
+  pass takes at that batch size (activations, workspace). On GPU the extra comes from the CUDA
+  allocator's peak statistics; on CPU from the process's peak resident set size (Linux
+  ``VmHWM``, reset through ``/proc/self/clear_refs``) over the RSS just before the call, after
+  ``malloc_trim`` returned freed heap memory to the system so that reused memory is counted.
+  Measured after warm-up (compilation and one-time library buffers excluded), max of 3 calls.
+  Elsewhere than Linux it is not measured (``null``).
+* FLOPs per image come from ``vitcompress.flops.count_flops`` (batch 1, attention included).
+* With ``data``, every model classifies the same images (not timed): top-1 (when labels are
+  known) and agreement = the share of images where its top class equals the baseline's.
+
+``BenchResult.to_dict()`` schema (``schema_version`` 1)::
+
+    {"schema_version": 1,
+     "settings": {"device", "device_name", "threads", "dtype", "compile", "channels_last",
+                  "batch_sizes", "warmup", "repeats", "memory_method"},
+     "environment": {"torch", "timm", "vitcompress", "python", "platform", "cpu_count", "timestamp"},
+     "baseline": name or null,
+     "models": [{"name", "params", "flops" (per image), "macs", "weights_bytes", "input_size",
+                 "top1", "agreement", "eval_images", "info"}],
+     "measurements": [{"model", "batch_size", "ms_per_image": {"median", "q25", "q75", "min",
+                       "max", "mean", "n"}, "images_per_s", "speedup", "speedup_q25",
+                       "speedup_q75", "peak_mem_bytes", "peak_extra_bytes"}]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import ctypes
+import ctypes.util
+import datetime as _dt
+import gc
+import io
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from vitcompress.errors import DataError, VitcompressError
+from vitcompress.flops import count_flops, model_input_size
+
+SCHEMA_VERSION = 1
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_WARMUP = 3
+DEFAULT_REPEATS = 10
+MEMORY_PROBES = 3  # memory is the max over this many calls: allocator noise only lowers a single reading
+EVAL_BATCH_SIZE = 64
+
+Clock = Callable[[], float]
+
+
+# ---- argument checking -----------------------------------------------------------------------
+def parse_batch_sizes(text: Union[str, int, Sequence[int]]) -> tuple[int, ...]:
+    """``"1,32"`` (or ``32`` or ``[1, 32]``) -> ``(1, 32)``; VitcompressError if it does not parse."""
+    if isinstance(text, int):
+        items: list[Any] = [text]
+    elif isinstance(text, str):
+        items = [t.strip() for t in text.split(",")]
+    else:
+        items = list(text)
+    try:
+        sizes = tuple(int(t) for t in items)
+    except (TypeError, ValueError):
+        raise VitcompressError(f"--batch-size {text!r}: give positive integers separated by commas, e.g. 1,32") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise VitcompressError(f"--batch-size {text!r}: give positive integers separated by commas, e.g. 1,32")
+    return tuple(dict.fromkeys(sizes))  # drop repeats, keep order
+
+
+def resolve_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
+    """``"float32"|"bfloat16"|"float16"`` -> torch dtype; VitcompressError for anything else."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if isinstance(name, str) and name.strip().lower() in DTYPES:
+        return DTYPES[name.strip().lower()]
+    raise VitcompressError(f"--dtype {name}: unknown dtype; use one of {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def resolve_device(name: Union[str, torch.device]) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"``; VitcompressError when it does not exist here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise VitcompressError(f"--device {name}: unknown device; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitcompressError("--device cuda: no CUDA GPU is visible to this torch: use --device cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise VitcompressError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise VitcompressError(f"--device {name}: unsupported device type; use cpu or cuda")
+    return device
+
+
+def check_dtype_supported(device: torch.device, dtype: torch.dtype) -> None:
+    """Run the ops a ViT needs once in ``dtype`` on ``device``; VitcompressError if this torch cannot."""
+    name = dtype_name(dtype)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise VitcompressError(f"--dtype bfloat16 is not supported by this GPU ({torch.cuda.get_device_name(device)}): use float16 or float32")
+    try:
+        with torch.inference_mode():
+            x = torch.randn(1, 3, 8, 8, device=device).to(dtype)
+            y = nn.functional.conv2d(x, torch.randn(4, 3, 2, 2, device=device).to(dtype), stride=2)
+            t = y.flatten(2).transpose(1, 2)  # [1, 16, 4]
+            t = nn.functional.layer_norm(t, (4,))
+            t = nn.functional.linear(t, torch.randn(4, 4, device=device).to(dtype))
+            q = t.reshape(1, 1, 16, 4)
+            t = nn.functional.scaled_dot_product_attention(q, q, q)
+            nn.functional.gelu(t).softmax(-1).float().sum().item()
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitcompressError(f"--dtype {name} is not supported on {device.type} by this torch ({first}): use float32") from None
+
+
+# ---- statistics ------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Summary of timing samples (any unit): median, quartiles (linear interpolation), range."""
+
+    median: float
+    q25: float
+    q75: float
+    min: float
+    max: float
+    mean: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Stats":
+        if not samples:
+            raise ValueError("no samples")
+        s = sorted(float(v) for v in samples)
+        return cls(
+            median=quantile(s, 0.5),
+            q25=quantile(s, 0.25),
+            q75=quantile(s, 0.75),
+            min=s[0],
+            max=s[-1],
+            mean=sum(s) / len(s),
+            n=len(s),
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of already sorted values, interpolating linearly (numpy's default)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def speedup(baseline_seconds: Sequence[float], seconds: Sequence[float]) -> tuple[float, float, float]:
+    """(ratio of medians, q25, q75 of the per-round paired ratios) of baseline time over model time.
+
+    The samples must come from the same interleaved rounds (``baseline_seconds[r]`` and
+    ``seconds[r]`` ran back to back), which is what makes the paired ratios meaningful.
+    """
+    if len(baseline_seconds) != len(seconds) or not seconds:
+        raise ValueError("speed-up needs paired samples from the same rounds")
+    ratio = Stats.of(baseline_seconds).median / Stats.of(seconds).median
+    paired = sorted(b / t for b, t in zip(baseline_seconds, seconds))
+    return ratio, quantile(paired, 0.25), quantile(paired, 0.75)
+
+
+# ---- the measurement core --------------------------------------------------------------------
+def interleaved_order(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """Run order of each round: every name once, the starting one rotated each round."""
+    n = len(names)
+    return [[names[(r + k) % n] for k in range(n)] for r in range(rounds)]
+
+
+def measure_interleaved(
+    runners: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int,
+    repeats: int,
+    clock: Clock = time.perf_counter,
+    sync: Optional[Callable[[], None]] = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each runner over ``repeats`` interleaved rounds, after ``warmup`` rounds.
+
+    ``sync`` runs after every call, inside the timed span (``torch.cuda.synchronize`` on GPU, so
+    that queued kernels are counted). Returns ``{name: [seconds of round 0, round 1, ...]}``.
+    """
+    names = list(runners)
+    for order in interleaved_order(names, warmup):
+        for name in order:
+            runners[name]()
+            if sync is not None:
+                sync()
+    samples: dict[str, list[float]] = {name: [0.0] * repeats for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection in the middle of one call would be charged to that model alone
+    try:
+        for r, order in enumerate(interleaved_order(names, repeats)):
+            for name in order:
+                start = clock()
+                runners[name]()
+                if sync is not None:
+                    sync()
+                samples[name][r] = clock() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+# ---- memory ----------------------------------------------------------------------------------
+class _RssProbe:
+    """Peak RSS increase of one call on Linux: trim the heap, reset VmHWM, call, read VmHWM."""
+
+    method = "rss-hwm"
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+        if self._trim is None:
+            self.method = "rss-hwm (no malloc_trim: may undercount)"
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return _status_bytes("VmHWM") is not None
+        except OSError:
+            return False
+
+    def extra_bytes(self, fn: Callable[[], Any]) -> int:
+        if self._trim is not None:
+            self._trim(0)  # freed heap pages go back to the OS, so reusing them shows as RSS growth
+        before = _status_bytes("VmRSS") or 0
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        out = fn()
+        peak = _status_bytes("VmHWM") or 0
+        del out
+        return max(0, peak - before)
+
+
+class _CudaProbe:
+    method = "cuda-allocator"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def extra_bytes(self, fn: Callable[[], Any]) -> int:
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        out = fn()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del out
+        return max(0, peak - before)
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _memory_probe(device: torch.device) -> Optional[Union[_RssProbe, _CudaProbe]]:
+    if device.type == "cuda":
+        return _CudaProbe(device)
+    return _RssProbe() if _RssProbe.available() else None
+
+
+# ---- inputs to bench -------------------------------------------------------------------------
+@dataclass
+class BenchEntry:
+    """One model to measure.
+
+    ``input_size`` (C, H, W) defaults to what ``flops.model_input_size`` finds; ``data`` overrides
+    ``bench(data=...)`` for this model (e.g. the same images preprocessed for another input size);
+    ``info`` is copied into the JSON as is (where the model came from, its weights, ...).
+    """
+
+    name: str
+    model: nn.Module
+    input_size: Optional[tuple[int, int, int]] = None
+    data: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    name: str
+    params: int
+    flops: int
+    macs: int
+    weights_bytes: int
+    input_size: list[int]
+    top1: Optional[float] = None
+    agreement: Optional[float] = None
+    eval_images: Optional[int] = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    model: str
+    batch_size: int
+    ms_per_image: Stats
+    images_per_s: float
+    speedup: Optional[float]
+    speedup_q25: Optional[float]
+    speedup_q75: Optional[float]
+    peak_mem_bytes: Optional[int]
+    peak_extra_bytes: Optional[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ms_per_image"] = self.ms_per_image.to_dict()
+        return d
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    baseline: Optional[str]
+    models: list[ModelResult]
+    measurements: list[Measurement]
+
+    def model(self, name: str) -> ModelResult:
+        return next(m for m in self.models if m.name == name)
+
+    def measurement(self, name: str, batch_size: int) -> Measurement:
+        return next(m for m in self.measurements if m.model == name and m.batch_size == batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; see the module docstring for the schema (``schema_version``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "settings": dict(self.settings),
+            "environment": dict(self.environment),
+            "baseline": self.baseline,
+            "models": [asdict(m) for m in self.models],
+            "measurements": [m.to_dict() for m in self.measurements],
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per (model, batch size): the CSV columns (``CSV_COLUMNS``)."""
+        rows = []
+        for m in self.measurements:
+            info = self.model(m.model)
+            rows.append(
+                {
+                    "timestamp": self.environment["timestamp"],
+                    "model": m.model,
+                    "baseline": self.baseline or "",
+                    "batch_size": m.batch_size,
+                    "device": self.settings["device"],
+                    "device_name": self.settings["device_name"],
+                    "threads": self.settings["threads"],
+                    "dtype": self.settings["dtype"],
+                    "compile": self.settings["compile"],
+                    "channels_last": self.settings["channels_last"],
+                    "ms_per_image_median": m.ms_per_image.median,
+                    "ms_per_image_q25": m.ms_per_image.q25,
+                    "ms_per_image_q75": m.ms_per_image.q75,
+                    "ms_per_image_min": m.ms_per_image.min,
+                    "ms_per_image_max": m.ms_per_image.max,
+                    "images_per_s": m.images_per_s,
+                    "speedup": m.speedup,
+                    "params": info.params,
+                    "flops": info.flops,
+                    "peak_mem_bytes": m.peak_mem_bytes,
+                    "top1": info.top1,
+                    "agreement": info.agreement,
+                    "warmup": self.settings["warmup"],
+                    "repeats": self.settings["repeats"],
+                    "torch_version": self.environment["torch"],
+                    "vitcompress_version": self.environment["vitcompress"],
+                }
+            )
+        return rows
+
+
+CSV_COLUMNS = [
+    "timestamp", "model", "baseline", "batch_size", "device", "device_name", "threads", "dtype", "compile",
+    "channels_last", "ms_per_image_median", "ms_per_image_q25", "ms_per_image_q75", "ms_per_image_min",
+    "ms_per_image_max", "images_per_s", "speedup", "params", "flops", "peak_mem_bytes", "top1", "agreement",
+    "warmup", "repeats", "torch_version", "vitcompress_version",
+]  # fmt: skip
+
+
+# ---- bench -----------------------------------------------------------------------------------
+def bench(
+    models: Union[Mapping[str, nn.Module], Sequence[BenchEntry]],
+    *,
+    baseline: Optional[str] = None,
+    batch_sizes: Union[str, Sequence[int]] = (1, 32),
+    device: Union[str, torch.device] = "cpu",
+    threads: Optional[int] = None,
+    dtype: Union[str, torch.dtype] = "float32",
+    compile: bool = False,
+    channels_last: bool = False,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    data: Any = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> BenchResult:
+    """Measure ``models`` side by side; see the module docstring for the method and the result.
+
+    Args:
+        models: ``{name: module}`` or ``BenchEntry`` items. Modules are put in eval mode; they are
+            copied (not changed) when ``device``, ``dtype`` or ``channels_last`` needs a conversion.
+        baseline: the name speed-ups and agreement refer to (default: the first model when there
+            are several; none for a single model).
+        batch_sizes: e.g. ``(1, 32)`` or ``"1,32"``.
+        threads: ``torch.set_num_threads`` during the run (restored after); None keeps the current.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        warmup, repeats: untimed rounds, then timed rounds (every model once per round). The first
+            warm-up round always runs (it surfaces a failing model before any timing).
+        compile: ``torch.compile`` every model (compilation happens during warm-up).
+        channels_last: channels-last inputs and conv weights (the patch embedding).
+        data: images for top-1/agreement: a ``vitcompress.data.ImageData``, a DataLoader or any
+            re-iterable of ``(images, labels)`` batches (labels < 0 mean unknown).
+        progress: called with short status lines (the CLI prints them on stderr).
+
+    Raises VitcompressError for arguments that cannot work here (unknown dtype, no GPU, ...).
+    """
+    entries = _entries(models)
+    names = [e.name for e in entries]
+    if baseline is None and len(entries) > 1:
+        baseline = names[0]
+    if baseline is not None and baseline not in names:
+        raise VitcompressError(f"baseline {baseline!r} is not one of the models ({', '.join(names)})")
+    sizes = parse_batch_sizes(batch_sizes)
+    if warmup < 0 or repeats < 1:
+        raise VitcompressError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup} and {repeats})")
+    if threads is not None and threads < 1:
+        raise VitcompressError(f"--threads must be at least 1, got {threads}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    check_dtype_supported(dev, dt)
+    say = progress or (lambda message: None)
+
+    with _num_threads(threads):
+        prepared = {e.name: _prepare(e.model, dev, dt, channels_last) for e in entries}
+        input_sizes = {e.name: e.input_size or model_input_size(e.model) for e in entries}
+        say("counting FLOPs")
+        results = [_guarded(e.name, _model_result, e, prepared[e.name], input_sizes[e.name]) for e in entries]
+        runnable = {name: _maybe_compile(m, name, compile) for name, m in prepared.items()}
+        if data is not None or any(e.data is not None for e in entries):
+            say("evaluating on the data")  # before timing, so that a data problem shows at once
+            _evaluate(entries, prepared, input_sizes, data, dev, dt, channels_last, baseline, results)
+        probe = _memory_probe(dev)
+        measurements: list[Measurement] = []
+        for batch in sizes:
+            measurements += _measure_batch(
+                runnable, input_sizes, batch, dev, dt, channels_last, warmup, repeats, baseline, probe, prepared, say
+            )
+        settings = {
+            "device": str(dev),
+            "device_name": _device_name(dev),
+            "threads": torch.get_num_threads(),
+            "dtype": dtype_name(dt),
+            "compile": bool(compile),
+            "channels_last": bool(channels_last),
+            "batch_sizes": list(sizes),
+            "warmup": int(warmup),
+            "repeats": int(repeats),
+            "memory_method": probe.method if probe is not None else None,
+        }
+    return BenchResult(settings, _environment(), baseline, results, measurements)
+
+
+def _entries(models: Union[Mapping[str, nn.Module], Sequence[BenchEntry]]) -> list[BenchEntry]:
+    if isinstance(models, Mapping):
+        entries = [BenchEntry(str(k), v) for k, v in models.items()]
+    else:
+        entries = list(models)
+    if not entries:
+        raise VitcompressError("nothing to benchmark: give at least one model")
+    names = [e.name for e in entries]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise VitcompressError(f"model names must be unique and non-empty, got {names}")
+    for e in entries:
+        if not isinstance(e.model, nn.Module):
+            raise VitcompressError(f"model {e.name!r} is a {type(e.model).__name__}, not a torch nn.Module")
+    return entries
+
+
+@contextlib.contextmanager
+def _num_threads(threads: Optional[int]) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """The model on ``device`` in ``dtype`` (a copy when that changes anything), eval mode."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    needs_copy = channels_last or any(
+        t.device != device or (t.is_floating_point() and t.dtype != dtype) for t in tensors
+    )
+    if needs_copy:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)  # only 4-D weights change
+    return model.eval()
+
+
+def _maybe_compile(model: nn.Module, name: str, compile: bool) -> nn.Module:
+    if not compile:
+        return model
+    try:
+        return torch.compile(model, dynamic=False)  # type: ignore[return-value]
+    except Exception as exc:  # torch.compile raises many types; the user can only turn it off
+        raise VitcompressError(f"torch.compile failed for {name} ({_first_line(exc)}): run without --compile") from None
+
+
+def _model_result(entry: BenchEntry, model: nn.Module, input_size: tuple[int, int, int]) -> ModelResult:
+    flops = count_flops(model, (1, *input_size))
+    unique = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return ModelResult(
+        name=entry.name,
+        params=sum(p.numel() for p in model.parameters()),
+        flops=flops,
+        macs=flops // 2,
+        weights_bytes=sum(t.numel() * t.element_size() for t in unique.values()),
+        input_size=list(input_size),
+        info=dict(entry.info),
+    )
+
+
+def _input(batch: int, size: tuple[int, int, int], device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *size, generator=g).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _measure_batch(
+    runnable: Mapping[str, nn.Module],
+    input_sizes: Mapping[str, tuple[int, int, int]],
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    warmup: int,
+    repeats: int,
+    baseline: Optional[str],
+    probe: Optional[Union[_RssProbe, _CudaProbe]],
+    prepared: Mapping[str, nn.Module],
+    say: Callable[[str], None],
+) -> list[Measurement]:
+    inputs = {name: _input(batch, input_sizes[name], device, dtype, channels_last) for name in runnable}
+    runners = {name: _runner(runnable[name], inputs[name], name) for name in runnable}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    say(f"batch {batch}: {warmup} warm-up + {repeats} timed rounds of {len(runners)} model(s)")
+    with torch.inference_mode():
+        _first_calls(runners)  # the first warm-up round; errors surface here with the model's name
+        seconds = measure_interleaved(runners, warmup=max(0, warmup - 1), repeats=repeats, sync=sync)
+        gc.collect()  # once (a full collection takes ~0.3 s with torch loaded); refcounting frees the rest
+        extra = {name: _peak_extra(probe, fn) for name, fn in runners.items()}
+    out = []
+    for name, samples in seconds.items():
+        per_image_ms = [s * 1000.0 / batch for s in samples]
+        ratio = speedup(seconds[baseline], samples) if baseline is not None else None
+        weights = _weights_bytes(prepared[name])
+        out.append(
+            Measurement(
+                model=name,
+                batch_size=batch,
+                ms_per_image=Stats.of(per_image_ms),
+                images_per_s=batch / Stats.of(samples).median,
+                speedup=ratio[0] if ratio else None,
+                speedup_q25=ratio[1] if ratio else None,
+                speedup_q75=ratio[2] if ratio else None,
+                peak_mem_bytes=None if extra[name] is None else weights + extra[name],
+                peak_extra_bytes=extra[name],
+            )
+        )
+    return out
+
+
+def _runner(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], Any]:
+    def run() -> Any:
+        return model(x)
+
+    run.__name__ = f"run_{name}"
+    return run
+
+
+def _first_calls(runners: Mapping[str, Callable[[], Any]]) -> None:
+    for name, fn in runners.items():
+        _guarded(name, fn)
+
+
+def _guarded(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn``; if the model itself fails, say which one and why, in one line."""
+    try:
+        return fn(*args)
+    except VitcompressError:
+        raise
+    except Exception as exc:
+        raise VitcompressError(f"model {name!r} failed to run ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _peak_extra(probe: Optional[Union[_RssProbe, _CudaProbe]], fn: Callable[[], Any]) -> Optional[int]:
+    if probe is None:
+        return None
+    return max(probe.extra_bytes(fn) for _ in range(MEMORY_PROBES))
+
+
+def _weights_bytes(model: nn.Module) -> int:
+    unique = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---- accuracy --------------------------------------------------------------------------------
+def _evaluate(
+    entries: Sequence[BenchEntry],
+    prepared: Mapping[str, nn.Module],
+    input_sizes: Mapping[str, tuple[int, int, int]],
+    data: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    baseline: Optional[str],
+    results: Sequence[ModelResult],
+) -> None:
+    """Fill top-1 / agreement / eval_images in ``results``. Models sharing a data object share its
+    batches (decoded once)."""
+    groups: dict[int, tuple[Any, list[str]]] = {}
+    for e in entries:
+        d = e.data if e.data is not None else data
+        if d is not None:
+            groups.setdefault(id(d), (d, []))[1].append(e.name)
+    preds: dict[str, torch.Tensor] = {}
+    labels: dict[str, torch.Tensor] = {}
+    for d, names in groups.values():
+        p, lab = _predict(d, {n: prepared[n] for n in names}, input_sizes, device, dtype, channels_last)
+        preds.update(p)
+        labels.update({n: lab for n in names})
+    by_name = {r.name: r for r in results}
+    for name, p in preds.items():
+        r = by_name[name]
+        r.eval_images = int(p.numel())
+        known = labels[name] >= 0
+        r.top1 = float((p[known] == labels[name][known]).float().mean()) if bool(known.any()) else None
+        if baseline is not None and baseline in preds and preds[baseline].numel() == p.numel():
+            r.agreement = float((p == preds[baseline]).float().mean())
+
+
+def _predict(
+    data: Any,
+    models: Mapping[str, nn.Module],
+    input_sizes: Mapping[str, tuple[int, int, int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    preds: dict[str, list[torch.Tensor]] = {n: [] for n in models}
+    labels: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for images, lab in _batches(data):
+            for name, model in models.items():
+                if tuple(images.shape[1:]) != tuple(input_sizes[name]):
+                    raise DataError(
+                        f"images are {tuple(images.shape[1:])} but {name} takes {tuple(input_sizes[name])}: "
+                        "preprocess the data with that model's data config"
+                    )
+                x = images.to(device=device, dtype=dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = model(x)
+                preds[name].append(logits.float().argmax(dim=-1).cpu())
+            labels.append(lab)
+    if not labels:
+        raise DataError("the data has no images to evaluate on")
+    return {n: torch.cat(p) for n, p in preds.items()}, torch.cat(labels)
+
+
+def _batches(data: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) from an ImageData, a DataLoader or an iterable of batches."""
+    if hasattr(data, "batches") and hasattr(data, "dataset"):  # vitcompress.data.ImageData
+        from vitcompress.data import make_loader
+
+        yield from data.batches(make_loader(data, EVAL_BATCH_SIZE))
+        return
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            images = item if item.dim() == 4 else item.unsqueeze(0)
+            yield images, torch.full((images.shape[0],), -1, dtype=torch.long)
+        elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], torch.Tensor):
+            images, lab = item[0], torch.as_tensor(item[1]).long().reshape(-1)
+            if images.numel() > 0:  # data.py's collate yields empty batches when every image was unreadable
+                yield images, lab
+        else:
+            raise DataError(f"cannot read a batch of type {type(item).__name__}: expected (images, labels) or an image tensor")
+
+
+# ---- environment -----------------------------------------------------------------------------
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment() -> dict[str, Any]:
+    import timm
+
+    from vitcompress.export import vitcompress_version
+
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "vitcompress": vitcompress_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---- CSV -------------------------------------------------------------------------------------
+def append_csv(result: BenchResult, path: Union[str, os.PathLike]) -> Path:
+    """Append one row per (model, batch size) to ``path``; the header is written only to a new file.
+
+    Not ``atomic_path``: that replaces the file, which would lose rows appended concurrently by
+    another run. Instead the rows go in one ``write`` under an exclusive lock (where ``fcntl``
+    exists), so earlier rows are never rewritten and concurrent runs do not interleave lines.
+    Raises VitcompressError if the file exists with other columns (e.g. from another tool).
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise VitcompressError(f"--out {target} is a folder: give a .csv file path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    rows = [{k: ("" if v is None else v) for k, v in row.items()} for row in result.rows()]
+    with open(target, "a+", newline="", encoding="utf-8") as f, _locked(f):
+        f.seek(0)
+        header = f.readline()
+        prefix = ""
+        if header:
+            existing = next(csv.reader([header]))
+            if existing != CSV_COLUMNS:
+                raise VitcompressError(
+                    f"--out {target} exists with other columns than vitcompress bench writes: choose a new file"
+                )
+            f.seek(0, os.SEEK_END)
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                prefix = "\n"  # a previous writer died mid-line: start on a fresh line
+        else:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.seek(0, os.SEEK_END)
+        f.write(prefix + buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    return target
+
+
+@contextlib.contextmanager
+def _locked(f: Any) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; appends are still one write each
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+__all__ = [
+    "BenchEntry",
+    "BenchResult",
+    "CSV_COLUMNS",
+    "DTYPES",
+    "Measurement",
+    "ModelResult",
+    "SCHEMA_VERSION",
+    "Stats",
+    "append_csv",
+    "bench",
+    "check_dtype_supported",
+    "interleaved_order",
+    "measure_interleaved",
+    "parse_batch_sizes",
+    "quantile",
+    "resolve_device",
+    "resolve_dtype",
+    "speedup",
+]
