@@ -713,20 +713,26 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     top.fill_between(idx, sim_lo, sim_hi, color="tab:blue", alpha=0.2, label="range over heads")
     top.plot(idx, sim_mean, "o-", color="tab:blue", label="mean over heads")
     top.axhline(t.static_similarity, color="tab:green", ls="--", lw=1, label=f"static threshold {t.static_similarity:g}")
-    top.set_ylabel("cross-image similarity\n(cosine to mean map)")
+    top.set_ylabel("cross-image similarity\n(cosine to the mean map)")
     top.set_ylim(min(0.0, min(sim_lo)), 1.02)
-    top.legend(loc="lower left", fontsize=8)
+    top.legend(loc="best", fontsize=8, framealpha=0.9)
     top.set_title(f"{analysis.model_id}: attention across layers ({analysis.samples} images, N = {analysis.num_tokens} tokens)", fontsize=10)
 
-    bottom.plot(idx, [layer.rank90_norm for layer in analysis.layers], "o-", label="rank90 / N")
-    bottom.plot(idx, [layer.rank99_norm for layer in analysis.layers], "s-", label="rank99 / N")
-    bottom.plot(idx, [layer.effective_rank_norm for layer in analysis.layers], "^-", label="effective rank / N")
-    bottom.axhline(t.reduce_rank90, color="tab:orange", ls="--", lw=1, label=f"reduce threshold {t.reduce_rank90:g}")
-    bottom.set_ylabel("attention rank / N")
-    bottom.set_ylim(0.0, 1.02)
+    ranks = {
+        "rank90 / N": ([layer.rank90_norm for layer in analysis.layers], "o-", "tab:blue"),
+        "rank99 / N": ([layer.rank99_norm for layer in analysis.layers], "s-", "tab:purple"),
+        "effective rank / N": ([layer.effective_rank_norm for layer in analysis.layers], "^-", "tab:brown"),
+    }
+    for label, (values, marker, color) in ranks.items():
+        bottom.plot(idx, values, marker, color=color, label=label)
+    bottom.axhline(t.reduce_rank90, color="tab:orange", ls="--", lw=1, label=f"reduce threshold (rank90 / N) {t.reduce_rank90:g}")
+    bottom.set_ylabel("attention rank / N\n(mean over heads and images)")
+    # Zoom on the data (ranks are often a small fraction of N) but keep the threshold in view.
+    top_value = max([t.reduce_rank90] + [v for values, _, _ in ranks.values() for v in values])
+    bottom.set_ylim(0.0, min(1.02, top_value * 1.15 + 0.01))
     bottom.set_xlabel("block index  (green: static-attention candidate, orange: token-reduction candidate)")
     bottom.set_xticks(idx)
-    bottom.legend(loc="upper left", fontsize=8)
+    bottom.legend(loc="best", fontsize=8, framealpha=0.9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
