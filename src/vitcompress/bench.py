@@ -219,10 +219,7 @@ def measure_interleaved(
             if sync is not None:
                 sync()
     samples: dict[str, list[float]] = {name: [0.0] * repeats for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()  # a collection in the middle of one call would be charged to that model alone
-    try:
+    with gc_paused():  # a collection in the middle of one call would be charged to that model alone
         for r, order in enumerate(interleaved_order(names, repeats)):
             for name in order:
                 start = clock()
@@ -230,10 +227,19 @@ def measure_interleaved(
                 if sync is not None:
                     sync()
                 samples[name][r] = clock() - start
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return samples
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block (reference counting still frees)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -490,6 +496,7 @@ def bench(
             say("evaluating on the data")  # before timing, so that a data problem shows at once
             _evaluate(entries, prepared, input_sizes, data, dev, dt, channels_last, baseline, results)
         probe = _memory_probe(dev)
+        gc.collect()  # once: a full collection takes ~0.3 s with torch loaded, too slow per batch size
         measurements: list[Measurement] = []
         for batch in sizes:
             measurements += _measure_batch(
@@ -600,8 +607,8 @@ def _measure_batch(
     with torch.inference_mode():
         _first_calls(runners)  # the first warm-up round; errors surface here with the model's name
         seconds = measure_interleaved(runners, warmup=max(0, warmup - 1), repeats=repeats, sync=sync)
-        gc.collect()  # once (a full collection takes ~0.3 s with torch loaded); refcounting frees the rest
-        extra = {name: _peak_extra(probe, fn) for name, fn in runners.items()}
+        with gc_paused():
+            extra = {name: _peak_extra(probe, fn) for name, fn in runners.items()}
     out = []
     for name, samples in seconds.items():
         per_image_ms = [s * 1000.0 / batch for s in samples]
