@@ -9,6 +9,7 @@ from vitcompress.cli._app import app
 # Each module registers its commands on `app` when imported.
 _COMMAND_MODULES = [
     "vitcompress.cli.models",
+    "vitcompress.cli.plan",
     "vitcompress.cli.bench",
     "vitcompress.cli.analyze",
 ]
