@@ -3,7 +3,7 @@
 Target: at most 3x the plain forward (deit_small at 224, random init, CPU). Prints the thread
 count, ms/image for: the plain forward (timm's default fused attention), the forward with the
 attention recorder on (unfused attention, maps captured and dropped), and the full analysis
-(capture + streaming statistics, whose SVDs run on one thread), and the ratio to the plain forward.
+(capture + streaming statistics; the SVDs run one matrix per thread), and the ratio to the plain forward.
 
     PYTHONPATH=src python benchmarks/analyze_speed.py                      # deit_small, 224, 64 images
     PYTHONPATH=src python benchmarks/analyze_speed.py --images 16 --threads 2
@@ -69,7 +69,7 @@ def main() -> None:
 
     n = args.images
     print(f"model {args.model} (random init), {args.img_size}x{args.img_size}, {n} images, batch {args.batch_size}, "
-          f"torch threads {threads} (SVDs on 1 thread), best of {args.repeats}")
+          f"torch threads {threads} (SVDs: one matrix per thread, {threads} threads), best of {args.repeats}")
     print(f"plain forward (fused attention): {t_plain / n * 1e3:8.1f} ms/image")
     print(f"forward + attention capture:     {t_recorded / n * 1e3:8.1f} ms/image  ({t_recorded / t_plain:.2f}x plain)")
     print(f"full analysis:                   {t_analysis / n * 1e3:8.1f} ms/image  ({t_analysis / t_plain:.2f}x plain; target <= 3x)")

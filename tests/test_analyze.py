@@ -21,6 +21,7 @@ from vitcompress.analyze import (
     save_analysis,
     spectral_ranks,
 )
+from vitcompress.analyze import _svdvals  # noqa: PLC2701 - tested directly: it must be exact
 from vitcompress.errors import DataError, UnsupportedModelError, VitcompressError
 
 
@@ -431,3 +432,16 @@ def test_load_errors(tmp_path):
     paths["attention_means"].unlink()
     with pytest.raises(VitcompressError, match="attention_means.safetensors is missing"):
         load_analysis(tmp_path)
+
+
+def test_threaded_svd_is_bit_identical_and_restores_threads():
+    maps = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pooled = _svdvals(maps)  # 15 matrices over a pool of 2 threads
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(pooled, torch.linalg.svdvals(maps))
+    finally:
+        torch.set_num_threads(threads)

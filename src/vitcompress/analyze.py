@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -70,6 +71,13 @@ class Thresholds:
     ``static_similarity``: a layer is a static-attention (DGSSA) candidate when the similarity of
     its heads, averaged, is at least this. ``reduce_rank90``: a layer is a token-reduction (GLAD)
     candidate when its rank90 / N, averaged over heads, is at most this.
+
+    Why these defaults: at 0.25, 90% of the layer's attention energy lies in at most N/4
+    directions, about the share of patch tokens a GLAD pyramid keeps (``[7, 3, 1]`` keeps 59 of
+    196), so aggregating to that many tokens loses little. A similarity of 0.8 (1 = identical maps)
+    marks attention clearly shared across images, not merely diffuse. Both are rules of thumb, not
+    fitted values: they are printed and stored with the analysis and can be changed
+    (``--static-threshold``, ``--rank-threshold``); the planner reads the measurements themselves.
     """
 
     static_similarity: float = 0.80
@@ -283,8 +291,7 @@ def spectral_ranks(maps: Tensor, levels: Sequence[float] = ENERGY_LEVELS) -> tup
     values below ``s_max * N * eps`` (the tolerance of ``torch.linalg.matrix_rank``) count as 0, so
     an exactly rank-k matrix with equal singular values has effective rank k, not k plus noise.
     """
-    with _single_threaded(maps):
-        s = torch.linalg.svdvals(maps)  # descending
+    s = _svdvals(maps)  # descending
     energy = s.square()
     cumulative = energy.cumsum(-1)
     total = cumulative[..., -1:]
@@ -296,23 +303,30 @@ def spectral_ranks(maps: Tensor, levels: Sequence[float] = ENERGY_LEVELS) -> tup
     return ranks, effective
 
 
-@contextlib.contextmanager
-def _single_threaded(t: Tensor) -> Iterator[None]:
-    """Run CPU linear algebra on one thread.
+def _svdvals(maps: Tensor) -> Tensor:
+    """Singular values of a batch of matrices; on CPU, one matrix per thread.
 
-    A batch of small SVDs gains nothing from MKL's threads, and when the cores are shared with
-    other processes, spinning OpenMP threads make it up to 100x slower (measured: 65x65 maps,
-    0.3 ms each on one thread, 25 ms each on two threads of a busy 2-core machine).
+    torch runs a batch of CPU SVDs one after the other, each on all of torch's threads; for small
+    matrices MKL's threads gain little, and when the cores are shared with other processes the
+    spinning OpenMP threads make it up to 100x slower (measured: 65x65 maps, 0.3 ms each on one
+    thread, 25 ms each on two threads of a busy 2-core machine). So torch is set to one thread
+    while the batch is split over a pool of as many Python threads as torch had (the SVD releases
+    the GIL). The result is bit-identical to a plain ``torch.linalg.svdvals``.
     """
-    old = torch.get_num_threads()
-    if t.device.type != "cpu" or old == 1:
-        yield
-        return
+    threads = torch.get_num_threads()
+    if maps.device.type != "cpu":
+        return torch.linalg.svdvals(maps)
+    flat = maps.reshape(-1, *maps.shape[-2:])
     torch.set_num_threads(1)
     try:
-        yield
+        if threads == 1 or flat.shape[0] < 2 * threads:
+            values = torch.linalg.svdvals(flat)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                values = torch.cat(list(pool.map(torch.linalg.svdvals, flat.chunk(threads))))
     finally:
-        torch.set_num_threads(old)
+        torch.set_num_threads(threads)
+    return values.reshape(*maps.shape[:-1])
 
 
 class AttentionStats:
@@ -503,45 +517,23 @@ def analyze(
     if samples < 1:
         raise VitcompressError(f"--samples must be at least 1, got {samples}")
     geometry = _geometry(model)
+    stats: dict[int, AttentionStats] = {}
+    recorder = AttentionRecorder(model, keep=False, callback=lambda i, p: stats[i].update(p))  # validates blocks
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    stats = {i: AttentionStats(int(blk.attn.num_heads), geometry["num_tokens"], device) for i, blk in enumerate(model.blocks)}
-    total = min(samples, _length(data) or samples)
+    for i, block in enumerate(model.blocks):
+        stats[i] = AttentionStats(int(block.attn.num_heads), geometry["num_tokens"], device)
 
     was_training = model.training
     model.eval()
     try:
-        with _progress(total, progress) as advance, AttentionRecorder(
-            model, keep=False, callback=lambda i, p: stats[i].update(p)
-        ), torch.inference_mode():
-            seen = 0
-            for images in _image_batches(data, batch_size, num_workers):
-                images = images[: samples - seen]
-                _check_images(model, images)
-                model(images.to(device=device, dtype=dtype))
-                seen += int(images.shape[0])
-                advance(int(images.shape[0]))
-                if seen >= samples:
-                    break
+        total = min(samples, _length(data) or samples)
+        with _progress(total, progress) as advance, recorder, torch.inference_mode():
+            seen = _feed(model, _image_batches(data, batch_size, num_workers), samples, advance)
     finally:
         model.train(was_training)
     if seen == 0:
         raise DataError(f"no images to analyze in {data_source or 'the data'}")
-
-    layers = []
-    for i, layer_stats in stats.items():
-        r = layer_stats.result()
-        layers.append(
-            LayerAnalysis(
-                index=i,
-                num_tokens=geometry["num_tokens"],
-                similarity=r["similarity"].tolist(),
-                kl_to_mean=r["kl_to_mean"].tolist(),
-                rank90=r["rank90"].tolist(),
-                rank99=r["rank99"].tolist(),
-                effective_rank=r["effective_rank"].tolist(),
-            )
-        )
+    layers = [_layer_analysis(i, s) for i, s in stats.items()]
     analysis = Analysis(
         model_id=model_id,
         data_source=data_source,
@@ -553,6 +545,34 @@ def analyze(
     )
     analysis.apply_thresholds(thresholds or Thresholds())
     return analysis
+
+
+def _feed(model: nn.Module, batches: Iterable[Tensor], samples: int, advance: Callable[[int], None]) -> int:
+    """Run the model on up to ``samples`` images; return how many it saw."""
+    param = next(model.parameters())
+    seen = 0
+    for images in batches:
+        images = images[: samples - seen]
+        _check_images(model, images)
+        model(images.to(device=param.device, dtype=param.dtype))
+        seen += int(images.shape[0])
+        advance(int(images.shape[0]))
+        if seen >= samples:
+            break
+    return seen
+
+
+def _layer_analysis(index: int, stats: AttentionStats) -> LayerAnalysis:
+    r = stats.result()
+    return LayerAnalysis(
+        index=index,
+        num_tokens=stats.num_tokens,
+        similarity=r["similarity"].tolist(),
+        kl_to_mean=r["kl_to_mean"].tolist(),
+        rank90=r["rank90"].tolist(),
+        rank99=r["rank99"].tolist(),
+        effective_rank=r["effective_rank"].tolist(),
+    )
 
 
 def _geometry(model: nn.Module) -> dict[str, Any]:
