@@ -10,8 +10,10 @@ How it measures (the README's "How bench measures" says the same for users):
   machine drift and order effects hit all models alike. The garbage collector is paused while
   timing.
 * Per model and batch size: ms per image (median, quartiles, min, max over the timed rounds),
-  images/s (batch / median batch time), and the speed-up against the baseline: the ratio of
-  median times, with the quartiles of the per-round paired ratios as its spread.
+  images/s (batch / median batch time), and the speed-up against the baseline: the median over
+  rounds of (baseline time / model time) within the same round, with the quartiles of those
+  paired ratios as its spread (the ratio of the two median times is kept too, as
+  ``speedup_of_medians``; the two agree closely on a steady machine).
 * Peak memory = the model's weights (parameters + buffers) + the peak extra memory one forward
   pass takes at that batch size (activations, workspace). On GPU the extra comes from the CUDA
   allocator's peak statistics; on CPU from the process's peak resident set size (Linux
@@ -34,7 +36,7 @@ How it measures (the README's "How bench measures" says the same for users):
                  "top1", "agreement", "eval_images", "info"}],
      "measurements": [{"model", "batch_size", "ms_per_image": {"median", "q25", "q75", "min",
                        "max", "mean", "n"}, "images_per_s", "speedup", "speedup_q25",
-                       "speedup_q75", "peak_mem_bytes", "peak_extra_bytes"}]}
+                       "speedup_q75", "speedup_of_medians", "peak_mem_bytes", "peak_extra_bytes"}]}
 """
 
 from __future__ import annotations
@@ -179,17 +181,15 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
-def speedup(baseline_seconds: Sequence[float], seconds: Sequence[float]) -> tuple[float, float, float]:
-    """(ratio of medians, q25, q75 of the per-round paired ratios) of baseline time over model time.
+def speedup(baseline_seconds: Sequence[float], seconds: Sequence[float]) -> Stats:
+    """Statistics of the per-round ratios baseline time / model time (median = the speed-up).
 
     The samples must come from the same interleaved rounds (``baseline_seconds[r]`` and
-    ``seconds[r]`` ran back to back), which is what makes the paired ratios meaningful.
+    ``seconds[r]`` ran back to back): pairing them cancels drift slower than one round.
     """
     if len(baseline_seconds) != len(seconds) or not seconds:
         raise ValueError("speed-up needs paired samples from the same rounds")
-    ratio = Stats.of(baseline_seconds).median / Stats.of(seconds).median
-    paired = sorted(b / t for b, t in zip(baseline_seconds, seconds))
-    return ratio, quantile(paired, 0.25), quantile(paired, 0.75)
+    return Stats.of([b / t for b, t in zip(baseline_seconds, seconds)])
 
 
 # ---- the measurement core --------------------------------------------------------------------
@@ -354,6 +354,7 @@ class Measurement:
     speedup: Optional[float]
     speedup_q25: Optional[float]
     speedup_q75: Optional[float]
+    speedup_of_medians: Optional[float]
     peak_mem_bytes: Optional[int]
     peak_extra_bytes: Optional[int]
 
@@ -613,6 +614,7 @@ def _measure_batch(
     for name, samples in seconds.items():
         per_image_ms = [s * 1000.0 / batch for s in samples]
         ratio = speedup(seconds[baseline], samples) if baseline is not None else None
+        of_medians = Stats.of(seconds[baseline]).median / Stats.of(samples).median if baseline is not None else None
         weights = _weights_bytes(prepared[name])
         out.append(
             Measurement(
@@ -620,9 +622,10 @@ def _measure_batch(
                 batch_size=batch,
                 ms_per_image=Stats.of(per_image_ms),
                 images_per_s=batch / Stats.of(samples).median,
-                speedup=ratio[0] if ratio else None,
-                speedup_q25=ratio[1] if ratio else None,
-                speedup_q75=ratio[2] if ratio else None,
+                speedup=ratio.median if ratio else None,
+                speedup_q25=ratio.q25 if ratio else None,
+                speedup_q75=ratio.q75 if ratio else None,
+                speedup_of_medians=of_medians,
                 peak_mem_bytes=None if extra[name] is None else weights + extra[name],
                 peak_extra_bytes=extra[name],
             )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vitcompress.bench import DEFAULT_REPEATS, DEFAULT_WARMUP, BenchEntry, BenchResult, append_csv, bench
@@ -102,7 +103,7 @@ def bench_command(
         out.print(result_table(result))
     if csv_out is not None:
         append_csv(result, csv_out)
-        note(f"appended {len(result.measurements)} row(s) to {csv_out}")
+        note(escape(f"appended {len(result.measurements)} row(s) to {csv_out}"))
 
 
 # ---- building the models ---------------------------------------------------------------------
@@ -164,7 +165,7 @@ def _original_entry(
     spec = ModelSpec.from_dict(read_metadata(path)["model"])
     label = f"{spec.model_id} (original)"
     if checkpoint is None and (not need_weights or spec.weights == "random"):
-        note(f"original of {Path(path).name}: {spec.architecture} with random weights (enough for timing)")
+        note(escape(f"original of {Path(path).name}: {spec.architecture} with random weights (enough for timing)"))
         model, weights = build_model(spec), "random"
     else:
         if checkpoint is None and spec.weights == "checkpoint":
@@ -246,7 +247,7 @@ def _attach_data(
             loaded = load_data(
                 source, split=split, data_config=cfg, image_column=image_column, label_column=label_column, limit=limit
             )
-            note(f"data: {loaded.source} split '{loaded.split}', {len(loaded)} images")
+            note(escape(f"data: {loaded.source} split '{loaded.split}', {len(loaded)} images"))
             by_config[key] = _Batches(loaded, workers)
         entry.data = by_config[key]
 
@@ -262,7 +263,7 @@ def result_table(result: BenchResult) -> Table:
         title=title,
         caption=(
             f"median of {s['repeats']} interleaved timed rounds after {s['warmup']} warm-up; spread = interquartile range"
-            + (f"; speed-up vs {result.baseline}" if result.baseline else "")
+            + (f"; speed-up vs {escape(result.baseline)} = median of per-round time ratios" if result.baseline else "")
             + f"; FLOPs per image (1 MAC = 2 FLOPs); peak mem = weights + peak extra of one forward ({mem})"
         ),
     )
@@ -277,7 +278,7 @@ def result_table(result: BenchResult) -> Table:
             info = result.model(m.model)
             ms = m.ms_per_image
             row = [
-                m.model,
+                escape(m.model),  # names can hold brackets (paths), which rich would read as markup
                 str(batch),
                 f"{ms.median:.3f}",
                 f"{ms.q25:.3f}-{ms.q75:.3f}",
