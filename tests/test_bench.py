@@ -15,6 +15,7 @@ from torch import nn
 from conftest import tiny_vit
 from vitcompress.bench import (
     BenchResult,
+    _guarded,
     _RssProbe,
     CSV_COLUMNS,
     SCHEMA_VERSION,
@@ -133,6 +134,7 @@ def test_bench_with_sleeping_models() -> None:
         # sleep never returns early: lower bounds hold on any machine, however loaded
         assert s.ms_per_image.min >= slow * 1000 / batch and f.ms_per_image.min >= fast * 1000 / batch
         assert s.speedup == 1.0 and f.speedup > 1.5  # true ratio 4; fast would need > 10 ms of delay to fail
+        assert f.speedup_of_medians == pytest.approx(s.ms_per_image.median / f.ms_per_image.median)
         assert f.images_per_s == pytest.approx(batch * 1000 / (f.ms_per_image.median * batch))
         assert s.ms_per_image.n == 3
 
@@ -270,6 +272,11 @@ def test_bad_model_lists_and_failures() -> None:
         bench({"a": Sleeper(0.0)}, threads=1)
     with pytest.raises(VitcompressError, match=r"model 'bad' failed to run \(RuntimeError"):
         bench([BenchEntry("bad", nn.Sequential(nn.Flatten(), nn.Linear(5, 2)), (3, 4, 4))], warmup=0, repeats=1, batch_sizes=(1,))
+
+
+def test_failures_under_compile_carry_a_hint() -> None:
+    with pytest.raises(VitcompressError, match=r"model 'm' failed to run \(ZeroDivisionError: division by zero\); try this$"):
+        _guarded("m", lambda: 1 / 0, hint="; try this")
 
 
 def test_data_of_the_wrong_size_is_a_data_error() -> None:

@@ -493,16 +493,14 @@ def bench(
         say("counting FLOPs")
         results = [_guarded(e.name, _model_result, e, prepared[e.name], input_sizes[e.name]) for e in entries]
         runnable = {name: _maybe_compile(m, name, compile) for name, m in prepared.items()}
+        run = _Run(dev, dt, channels_last, warmup, repeats, baseline, _memory_probe(dev), compile, say)
         if data is not None or any(e.data is not None for e in entries):
             say("evaluating on the data")  # before timing, so that a data problem shows at once
-            _evaluate(entries, prepared, input_sizes, data, dev, dt, channels_last, baseline, results)
-        probe = _memory_probe(dev)
+            _evaluate(entries, prepared, input_sizes, data, run, results)
         gc.collect()  # once: a full collection takes ~0.3 s with torch loaded, too slow per batch size
         measurements: list[Measurement] = []
         for batch in sizes:
-            measurements += _measure_batch(
-                runnable, input_sizes, batch, dev, dt, channels_last, warmup, repeats, baseline, probe, prepared, say
-            )
+            measurements += _measure_batch(run, runnable, prepared, input_sizes, batch)
         settings = {
             "device": str(dev),
             "device_name": _device_name(dev),
@@ -513,7 +511,7 @@ def bench(
             "batch_sizes": list(sizes),
             "warmup": int(warmup),
             "repeats": int(repeats),
-            "memory_method": probe.method if probe is not None else None,
+            "memory_method": run.probe.method if run.probe is not None else None,
         }
     return BenchResult(settings, _environment(), baseline, results, measurements)
 
@@ -581,56 +579,71 @@ def _model_result(entry: BenchEntry, model: nn.Module, input_size: tuple[int, in
     )
 
 
-def _input(batch: int, size: tuple[int, int, int], device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+def _input(batch: int, size: tuple[int, int, int], run: _Run) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *size, generator=g).to(device=device, dtype=dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _to_run(torch.randn(batch, *size, generator=g), run)
+
+
+def _to_run(x: torch.Tensor, run: _Run) -> torch.Tensor:
+    x = x.to(device=run.device, dtype=run.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
+
+
+@dataclass
+class _Run:
+    """The settings of one bench run, as the helpers below need them."""
+
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    warmup: int
+    repeats: int
+    baseline: Optional[str]
+    probe: Optional[Union[_RssProbe, _CudaProbe]]
+    compiled: bool
+    say: Callable[[str], None]
 
 
 def _measure_batch(
+    run: _Run,
     runnable: Mapping[str, nn.Module],
+    prepared: Mapping[str, nn.Module],
     input_sizes: Mapping[str, tuple[int, int, int]],
     batch: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
-    warmup: int,
-    repeats: int,
-    baseline: Optional[str],
-    probe: Optional[Union[_RssProbe, _CudaProbe]],
-    prepared: Mapping[str, nn.Module],
-    say: Callable[[str], None],
 ) -> list[Measurement]:
-    inputs = {name: _input(batch, input_sizes[name], device, dtype, channels_last) for name in runnable}
+    inputs = {name: _input(batch, input_sizes[name], run) for name in runnable}
     runners = {name: _runner(runnable[name], inputs[name], name) for name in runnable}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    say(f"batch {batch}: {warmup} warm-up + {repeats} timed rounds of {len(runners)} model(s)")
+    sync = (lambda: torch.cuda.synchronize(run.device)) if run.device.type == "cuda" else None
+    run.say(f"batch {batch}: {run.warmup} warm-up + {run.repeats} timed rounds of {len(runners)} model(s)")
+    hint = "; torch.compile may be the cause: try without --compile" if run.compiled else ""
     with torch.inference_mode():
-        _first_calls(runners)  # the first warm-up round; errors surface here with the model's name
-        seconds = measure_interleaved(runners, warmup=max(0, warmup - 1), repeats=repeats, sync=sync)
+        for name, fn in runners.items():  # the first warm-up round: a failing model is named before any timing
+            _guarded(name, fn, hint=hint)
+        seconds = measure_interleaved(runners, warmup=max(0, run.warmup - 1), repeats=run.repeats, sync=sync)
         with gc_paused():
-            extra = {name: _peak_extra(probe, fn) for name, fn in runners.items()}
-    out = []
-    for name, samples in seconds.items():
-        per_image_ms = [s * 1000.0 / batch for s in samples]
-        ratio = speedup(seconds[baseline], samples) if baseline is not None else None
-        of_medians = Stats.of(seconds[baseline]).median / Stats.of(samples).median if baseline is not None else None
-        weights = _weights_bytes(prepared[name])
-        out.append(
-            Measurement(
-                model=name,
-                batch_size=batch,
-                ms_per_image=Stats.of(per_image_ms),
-                images_per_s=batch / Stats.of(samples).median,
-                speedup=ratio.median if ratio else None,
-                speedup_q25=ratio.q25 if ratio else None,
-                speedup_q75=ratio.q75 if ratio else None,
-                speedup_of_medians=of_medians,
-                peak_mem_bytes=None if extra[name] is None else weights + extra[name],
-                peak_extra_bytes=extra[name],
-            )
-        )
-    return out
+            extra = {name: _peak_extra(run.probe, fn) for name, fn in runners.items()}
+    return [_measurement(name, batch, seconds, extra[name], _weights_bytes(prepared[name]), run.baseline) for name in seconds]
+
+
+def _measurement(
+    name: str, batch: int, seconds: Mapping[str, list[float]], extra: Optional[int], weights: int, baseline: Optional[str]
+) -> Measurement:
+    samples = seconds[name]
+    per_image_ms = [s * 1000.0 / batch for s in samples]
+    ratio = speedup(seconds[baseline], samples) if baseline is not None else None
+    of_medians = Stats.of(seconds[baseline]).median / Stats.of(samples).median if baseline is not None else None
+    return Measurement(
+        model=name,
+        batch_size=batch,
+        ms_per_image=Stats.of(per_image_ms),
+        images_per_s=batch / Stats.of(samples).median,
+        speedup=ratio.median if ratio else None,
+        speedup_q25=ratio.q25 if ratio else None,
+        speedup_q75=ratio.q75 if ratio else None,
+        speedup_of_medians=of_medians,
+        peak_mem_bytes=None if extra is None else weights + extra,
+        peak_extra_bytes=extra,
+    )
 
 
 def _runner(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], Any]:
@@ -641,19 +654,14 @@ def _runner(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], Any]:
     return run
 
 
-def _first_calls(runners: Mapping[str, Callable[[], Any]]) -> None:
-    for name, fn in runners.items():
-        _guarded(name, fn)
-
-
-def _guarded(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+def _guarded(name: str, fn: Callable[..., Any], *args: Any, hint: str = "") -> Any:
     """Call ``fn``; if the model itself fails, say which one and why, in one line."""
     try:
         return fn(*args)
     except VitcompressError:
         raise
     except Exception as exc:
-        raise VitcompressError(f"model {name!r} failed to run ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise VitcompressError(f"model {name!r} failed to run ({type(exc).__name__}: {_first_line(exc)}){hint}") from None
 
 
 def _peak_extra(probe: Optional[Union[_RssProbe, _CudaProbe]], fn: Callable[[], Any]) -> Optional[int]:
@@ -678,10 +686,7 @@ def _evaluate(
     prepared: Mapping[str, nn.Module],
     input_sizes: Mapping[str, tuple[int, int, int]],
     data: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
-    baseline: Optional[str],
+    run: _Run,
     results: Sequence[ModelResult],
 ) -> None:
     """Fill top-1 / agreement / eval_images in ``results``. Models sharing a data object share its
@@ -694,7 +699,7 @@ def _evaluate(
     preds: dict[str, torch.Tensor] = {}
     labels: dict[str, torch.Tensor] = {}
     for d, names in groups.values():
-        p, lab = _predict(d, {n: prepared[n] for n in names}, input_sizes, device, dtype, channels_last)
+        p, lab = _predict(d, {n: prepared[n] for n in names}, input_sizes, run)
         preds.update(p)
         labels.update({n: lab for n in names})
     by_name = {r.name: r for r in results}
@@ -702,18 +707,18 @@ def _evaluate(
         r = by_name[name]
         r.eval_images = int(p.numel())
         known = labels[name] >= 0
-        r.top1 = float((p[known] == labels[name][known]).float().mean()) if bool(known.any()) else None
-        if baseline is not None and baseline in preds and preds[baseline].numel() == p.numel():
-            r.agreement = float((p == preds[baseline]).float().mean())
+        scored = int(known.sum())  # exact fractions (a float32 mean would print 0.6967999935)
+        r.top1 = int((p[known] == labels[name][known]).sum()) / scored if scored else None
+        base = preds.get(run.baseline or "")
+        if base is not None and base.numel() == p.numel():
+            r.agreement = int((p == base).sum()) / p.numel()
 
 
 def _predict(
     data: Any,
     models: Mapping[str, nn.Module],
     input_sizes: Mapping[str, tuple[int, int, int]],
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
+    run: _Run,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     preds: dict[str, list[torch.Tensor]] = {n: [] for n in models}
     labels: list[torch.Tensor] = []
@@ -725,10 +730,7 @@ def _predict(
                         f"images are {tuple(images.shape[1:])} but {name} takes {tuple(input_sizes[name])}: "
                         "preprocess the data with that model's data config"
                     )
-                x = images.to(device=device, dtype=dtype)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                logits = model(x)
+                logits = model(_to_run(images, run))
                 preds[name].append(logits.float().argmax(dim=-1).cpu())
             labels.append(lab)
     if not labels:
