@@ -64,6 +64,11 @@ def test_model_info_for_supported_families(arch: str, kwargs: dict, prefix: int,
         assert getattr(info, extra)
 
 
+def test_data_config_follows_the_built_image_size() -> None:
+    _, spec = load_model("deit_tiny", random_init=True, model_kwargs={"img_size": 64})
+    assert spec.data_config["input_size"] == [3, 64, 64]
+
+
 def test_local_dir_round_trip_and_rebuild(tmp_path: Path) -> None:
     original = tiny_vit()
     save_for_hf(original, tmp_path, model_args=TINY, safe_serialization=True)

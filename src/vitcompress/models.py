@@ -322,7 +322,11 @@ def resolve_data_config(model: nn.Module) -> dict[str, Any]:
     """timm's preprocessing for this model: input size, interpolation, mean/std, crop."""
     from timm.data import resolve_model_data_config
 
-    cfg = resolve_model_data_config(model)
+    cfg = dict(resolve_model_data_config(model))
+    # timm keeps the pretrained config's size when a model is built with another img_size.
+    img_size = getattr(model.patch_embed, "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = [int(cfg["input_size"][0]), *(int(s) for s in img_size)]
     return json.loads(json.dumps(cfg))  # tuples -> lists
 
 
