@@ -128,6 +128,7 @@ class FinetuneResult:
     resumed_from: Optional[int] = None
     seconds: float = 0.0
     world_size: int = 1
+    config: dict[str, Any] = field(default_factory=dict)  # the settings actually used
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -755,6 +756,7 @@ class _Run:
             steps=self.step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             global_batch=self.global_batch, val_top1=val, history=self.history, step_losses=self.step_losses,
             resumed_from=self.resumed_from, seconds=time.perf_counter() - started, world_size=self.info.world_size,
+            config=self.cfg.to_dict(),
         )
 
     def _after_step(self, sums: torch.Tensor, epoch: int, progress: _Progress, started: float, first: int, callback: Any) -> None:

@@ -465,7 +465,7 @@ def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: 
         "student_top1_before_finetune": result.student_top1_before,
         "speedup": result.speedup,
         "data": {"source": run["data"], "split": run.get("split"), "val_split": run.get("val_split")},
-        "finetune": ({**result.finetune.to_dict(), "config": cfg.to_dict()} if result.finetune else None),
+        "finetune": result.finetune.to_dict() if result.finetune else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     export(student.cpu(), result.output, metadata, force=force)
