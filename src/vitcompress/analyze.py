@@ -77,7 +77,7 @@ class Thresholds:
     196), so aggregating to that many tokens loses little. A similarity of 0.8 (1 = identical maps)
     marks attention clearly shared across images, not merely diffuse. Both are rules of thumb, not
     fitted values: they are printed and stored with the analysis and can be changed
-    (``--static-threshold``, ``--rank-threshold``); the planner reads the measurements themselves.
+    (``--static-threshold``, ``--rank-threshold``); the planner also reads the measurements.
     """
 
     static_similarity: float = 0.80
