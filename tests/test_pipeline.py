@@ -197,3 +197,17 @@ def test_no_finetune_exports_the_converted_model(tmp_path: Path, tiny_model_id: 
     assert result.student_top1 == result.student_top1_before
     assert not (tmp_path / "out" / "tiny-vit" / "finetune").exists()
     assert read_metadata(tmp_path / "m.safetensors")["finetune"] is None
+
+
+def test_compress_resume_reuses_the_runs_plan(tmp_path: Path, tiny_model_id: str) -> None:
+    out_root = tmp_path / "out"
+    first = compress(tiny_model_id, plan=PLAN, data="demo", config=quick(), out_root=out_root,
+                     measure_speed=False, log=quiet)
+    messages: list[str] = []
+    other_plan = Plan(static_layers=[0], reductions=[], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
+    resumed = compress(tiny_model_id, plan=other_plan, data="demo", config=quick(steps=4, resume=True),
+                       out_root=out_root, output=tmp_path / "resumed.safetensors", measure_speed=False,
+                       log=messages.append)
+    assert resumed.plan.to_dict() == first.plan.to_dict()  # the checkpoint's architecture, not the new plan
+    assert resumed.finetune is not None and resumed.finetune.resumed_from == 3 and resumed.finetune.steps == 4
+    assert any("--resume" in m for m in messages)
