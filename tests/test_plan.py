@@ -12,7 +12,6 @@ import torch
 from conftest import tiny_vit
 from vitcompress.analyze import Analysis, LayerAnalysis, analyze, recommend
 from vitcompress.convert import convert
-from vitcompress.cost import model_geometry
 from vitcompress.errors import VitcompressError
 from vitcompress.flops import count_flops
 from vitcompress.plan import (
