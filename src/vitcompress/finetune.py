@@ -493,14 +493,19 @@ def _total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
 
 
 class _Progress:
-    """A rich progress bar on rank 0 (epoch, step, loss terms, lr, images/s, ETA), or nothing."""
+    """Rank 0's progress: a rich bar (epoch, step, loss terms, lr, images/s, ETA) on a terminal,
+    else (a log file, a batch job) one plain line every 5% of the steps."""
 
     def __init__(self, enabled: bool, total: int, start: int, log: Callable[[str], None]):
         self.enabled = enabled
         self.log = log
+        self.total = total
+        self.every = max(1, total // 20)  # without a bar (logs, batch jobs): a line every 5%
         self._bar: Any = None
-        if enabled:
-            from rich.console import Console
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if enabled and console.is_terminal:  # a log file gets plain lines instead (see update)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._bar = Progress(
@@ -511,7 +516,7 @@ class _Progress:
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(compact=True),
-                console=Console(stderr=True),
+                console=console,
                 transient=False,
             )
             self._task = self._bar.add_task("fine-tune", total=total, completed=start, epoch="-", info="")
@@ -525,14 +530,17 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
 
-    def update(self, step: int, epoch_label: str, info: str) -> None:
+    def update(self, step: int, epoch_label: str, info: str, eta_s: float) -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, epoch=epoch_label, info=info)
+        elif step % self.every == 0 or step == self.total:
+            eta = f"{int(eta_s) // 60}:{int(eta_s) % 60:02d}"
+            self.log(f"step {step}/{self.total} (epoch {epoch_label}): {info}, ETA {eta}")
 
     def print(self, message: str) -> None:
         if self._bar is not None:
             self._bar.console.print(message, highlight=False, soft_wrap=True)
-        elif self.enabled:
+        else:
             self.log(message)
 
 
@@ -770,7 +778,8 @@ class _Run:
         rate = (self.step - first) * self.global_batch / elapsed
         lr = self.optimizer.param_groups[0]["lr"]
         shown = " ".join(f"{k} {terms[k]:.3f}" for k in _active_terms(self.cfg))
-        progress.update(self.step, f"{epoch + 1}", f"loss {terms['loss']:.3f} ({shown}) lr {lr:.2e} {rate:.0f} img/s")
+        eta = (self.total_steps - self.step) * elapsed / max(self.step - first, 1)
+        progress.update(self.step, f"{epoch + 1}", f"loss {terms['loss']:.3f} ({shown}) lr {lr:.2e} {rate:.0f} img/s", eta)
         if callback is not None:
             callback(self.step, terms)
 
