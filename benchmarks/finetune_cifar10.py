@@ -33,6 +33,8 @@ def main() -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None)
     length.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--plan", default=None, help="a plan.json to use instead of planning for --budget")
+    parser.add_argument("--analysis", default=None, help="an analysis folder to use instead of analyzing")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1,
@@ -58,7 +60,7 @@ def main() -> None:
     config = FinetuneConfig(**settings)
     out_root = Path(args.out_root)
     started = time.perf_counter()
-    result = compress(args.model, args.budget, data=args.data, val_split="test", config=config,
+    result = compress(args.model, args.budget, data=args.data, val_split="test", config=config, plan=args.plan, analysis=args.analysis,
                       out_root=out_root, output=out_root / "model.safetensors", force=True)
     report = {
         "model": args.model,

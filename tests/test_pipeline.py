@@ -70,6 +70,14 @@ def test_model_slug() -> None:
     assert output_dir_for("demo", "out") == Path("out/demo")
 
 
+def test_data_source_recorded_by_analyze() -> None:
+    from vitcompress.pipeline import _source_of
+
+    assert _source_of("demo [test]") == "demo"
+    assert _source_of("/data/my images [train[holdout-rest]]") == "/data/my images"
+    assert _source_of("org/dataset") == "org/dataset"
+
+
 def test_slug_matches_analyze_command_default() -> None:
     from vitcompress.cli.analyze import default_out_dir
 

@@ -252,7 +252,7 @@ def _resolve_inputs(model: Optional[str], data: Optional[str], analysis: Optiona
 
 def _source_of(recorded: str) -> str:
     """The --data value inside an analysis' data description (``"demo [test]"`` -> ``"demo"``)."""
-    match = re.fullmatch(r"(.*) \[[^\]]*\]", recorded.strip())
+    match = re.fullmatch(r"(.*?) \[.*\]", recorded.strip())
     return match.group(1) if match else recorded.strip()
 
 
@@ -283,8 +283,10 @@ def _analysis_and_plan(
     if analysis_path is not None:
         result = load_analysis(analysis_path)
     else:
-        log(f"analyzing attention on {min(samples, len(train))} images of {train.source} (split '{train.split}')")
-        result = analyze(teacher, train, samples=samples, model_id=inputs.model_id, data_source=inputs.data, progress=progress)
+        sample = _random_subset(train, samples)  # a class-sorted folder's first images would be one class
+        log(f"analyzing attention on {len(sample)} images of {train.source} (split '{train.split}')")
+        result = analyze(teacher, sample, samples=samples, model_id=inputs.model_id,
+                         data_source=f"{inputs.data} [{train.split}]", progress=progress)
         analysis_path = save_analysis(result, inputs.out_dir)["json"]
         log(f"analysis written to {analysis_path}")
     from vitcompress.plan import make_plan, save_plan
@@ -302,6 +304,16 @@ def _analysis_and_plan(
         f"{[(r.before_block, r.scales) for r in made.reductions]}"
         + (f", predicted speed-up {predicted:.2f}x" if isinstance(predicted, (int, float)) else ""))
     return made, result.attention_means, analysis_path
+
+
+def _random_subset(data: Any, count: int) -> Any:
+    """A fixed random subset (seed 0) of ``count`` images of an ``ImageData``."""
+    from torch.utils.data import Subset
+
+    if count >= len(data):
+        return data
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return dataclasses.replace(data, dataset=Subset(data.dataset, sorted(order)))
 
 
 def _share(obj: Any) -> Any:
