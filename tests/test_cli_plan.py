@@ -87,7 +87,8 @@ def test_analysis_in_the_out_folder_is_used(model_dir: Path, tmp_path: Path) -> 
 
 
 def test_calibrated_plan(model_dir: Path, tmp_path: Path) -> None:
-    result = _run(model_dir, tmp_path, "--budget", "1.3x", "--batch-size", "2", "--threads", "1")
+    # --allow-below-budget: whether timings of a tiny model reach the budget is not what is tested here.
+    result = _run(model_dir, tmp_path, "--budget", "1.1x", "--batch-size", "2", "--threads", "1", "--allow-below-budget")
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path)
     assert plan.predicted["calibrated"] and plan.predicted["threads"] == 1 and plan.predicted["batch_size"] == 2

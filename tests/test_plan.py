@@ -15,6 +15,7 @@ from vitcompress.convert import convert
 from vitcompress.errors import VitcompressError
 from vitcompress.flops import count_flops
 from vitcompress.plan import (
+    FIT_MARGIN,
     LayerScore,
     Plan,
     Reduction,
@@ -29,6 +30,7 @@ from vitcompress.plan import (
     scale_menu,
     static_damage,
 )
+from vitcompress.plan import _choose, _Scored  # the selection rule itself
 
 GEOMETRY = dict(img_size=64, patch_size=8, depth=6)  # 8x8 grid, 65 tokens
 
@@ -92,6 +94,18 @@ def test_damage_proxy_values() -> None:
     assert plan_damage(plan, scores) == pytest.approx(0.1 + 2 * reduce_damage(scores[2], kept))
     assert prior_similarity(0, 12) > prior_similarity(11, 12) == pytest.approx(0.5)
     assert prior_rank(0, 12) == 1.0 and prior_rank(11, 12) == pytest.approx(0.5)
+
+
+def test_selection_rule_and_the_margin_for_fitted_costs() -> None:
+    timed = _Scored(cost=1.0, damage=0.5, static_count=1, stages=(), exact=True)  # exactly 2x, timed
+    fitted_close = _Scored(cost=0.99, damage=0.1, static_count=0, stages=((1, (2, 1)),), exact=False)  # 2.02x on a fit
+    assert _choose([timed, fitted_close], 2.0, 2.0) == (timed, True)
+    fitted_clear = _Scored(cost=1.0 / (1 + FIT_MARGIN), damage=0.3, static_count=0, stages=((2, (2, 1)),), exact=False)
+    assert _choose([timed, fitted_close, fitted_clear], 2.0, 2.0) == (fitted_clear, True)  # less damage wins
+    gentler = _Scored(cost=0.98, damage=0.5, static_count=1, stages=(), exact=True)
+    assert _choose([timed, gentler], 2.0, 2.0)[0] is timed  # equal damage: the least aggressive
+    slow = _Scored(cost=1.5, damage=0.0, static_count=0, stages=(), exact=True)
+    assert _choose([slow, fitted_close], 2.0, 2.5) == (fitted_close, False)  # none meets 2.5x: the fastest
 
 
 # ---- planning ------------------------------------------------------------------------------
@@ -187,7 +201,9 @@ def test_a_real_analysis_drives_a_plan_that_converts(model: torch.nn.Module) -> 
 
 
 def test_calibrated_plan_rests_on_measured_timings(model: torch.nn.Module) -> None:
-    plan = make_plan(model, None, "1.5x", calibrate=True, batch_size=2, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timings of a tiny model at batch 2 may not reach the budget: fine here
+        plan = make_plan(model, None, "1.1x", calibrate=True, batch_size=2, threads=1)
     p = plan.predicted
     assert p["calibrated"] and p["speedup"] == p["latency_speedup"]
     assert (p["device"], p["threads"], p["batch_size"]) == ("cpu", 1, 2)
@@ -196,7 +212,7 @@ def test_calibrated_plan_rests_on_measured_timings(model: torch.nn.Module) -> No
     timed_glads = {tuple(d["scales"]) for d in p["calibration"]["glads_ms"]}
     assert {tuple(r.scales) for r in plan.reductions} <= timed_glads
     assert p["latency_ms"] == pytest.approx(p["fixed_ms"] + sum(p["block_ms"]) + sum(p["glad_ms"]))
-    assert p["budget_met"] == (p["speedup"] >= 1.5 * (1 - 1e-9))
+    assert p["budget_met"] == (p["speedup"] >= 1.1 * (1 - 1e-9))
     assert p["flops"] == count_flops(convert(model, plan))
 
 

@@ -234,7 +234,7 @@ def torch_threads(threads: Optional[int]) -> Iterator[int]:
 
 
 def time_interleaved(
-    fns: Sequence[Callable[[], Any]], device: torch.device, rounds: int = 3, round_seconds: float = 0.02
+    fns: Sequence[Callable[[], Any]], device: torch.device, rounds: int = 3, round_seconds: float = 0.1
 ) -> list[list[float]]:
     """Seconds per call of each of ``fns``, timed in interleaved rounds: ``[round][fn]``.
 
@@ -366,6 +366,12 @@ class LatencyModel:
         return [("block", kind, n) for kind, n in layout.blocks] + [
             ("glad", *_glad_key(scales, grids)) for _, scales, grids in layout.glads
         ]
+
+    def timed_block(self, kind: str, tokens: int) -> bool:
+        return (kind, int(tokens)) in self.block_times
+
+    def timed_glad(self, scales: Sequence[int], in_grids: Sequence[Grid]) -> bool:
+        return _glad_key(scales, in_grids) in self.glad_times
 
     def measured(self, layout: Layout) -> bool:
         """True when every block kind/token count and GLAD stage of ``layout`` has been timed."""

@@ -281,6 +281,7 @@ class _Scored:
     damage: float
     static_count: int
     stages: Stages
+    exact: bool = True  # False: the cost uses fitted (untimed) latencies
 
 
 class _Search:
@@ -310,7 +311,9 @@ class _Search:
             self._reduce_damage[keep] = _cumsum(reduce_damage(s, kept) for s in self.scores)
         return self._reduce_damage[keep]
 
-    def score_all(self, block_cost: CostFn, glad_cost: GladCostFn, fixed: float) -> list[_Scored]:
+    def score_all(
+        self, block_cost: CostFn, glad_cost: GladCostFn, fixed: float, exact: Callable[[Stages], bool] = lambda _: True
+    ) -> list[_Scored]:
         geom, depth, full = self.geom, self.geom.depth, self.geom.num_tokens
         dyn_prefix: dict[int, list[float]] = {}
 
@@ -335,11 +338,12 @@ class _Search:
                 reduce_prefix = self._reduce_prefix(keep)
                 damage += reduce_prefix[end] - reduce_prefix[p]
                 in_grids = tuple((s, s) for s in scales)
+            is_exact = exact(stages)
             for count in range(len(self.eligible[limit]) + 1):
                 if count == 0 and not stages:
                     continue  # the unchanged model is not a plan
                 scored.append(_Scored(
-                    cost - savings[limit][count], damage + self._static_damage[limit][count], count, stages))
+                    cost - savings[limit][count], damage + self._static_damage[limit][count], count, stages, is_exact))
         return scored
 
 
@@ -352,8 +356,16 @@ def _cumsum(values: Iterator[float] | Sequence[float]) -> list[float]:
 
 def _choose(scored: Sequence[_Scored], base_cost: float, target: float) -> tuple[_Scored, bool]:
     """The least damaging candidate that meets ``target``; ties: the least aggressive (highest
-    cost), then fewer static layers, then later reductions. Else the fastest (then least damaging)."""
-    feasible = [c for c in scored if base_cost / c.cost >= target * (1 - 1e-9)]
+    cost), then fewer static layers, then later reductions. Else the fastest (then least damaging).
+
+    A candidate whose cost rests on fitted latencies must beat the target by ``FIT_MARGIN``: fits
+    are a few percent off, and a candidate that only just meets the budget on a fit would, once
+    timed, often miss it, sending the calibration from one such candidate to the next.
+    """
+    def meets(c: _Scored) -> bool:
+        return base_cost / c.cost >= target * (1 - 1e-9) * (1.0 if c.exact else 1.0 + FIT_MARGIN)
+
+    feasible = [c for c in scored if meets(c)]
     if feasible:
         best = min(feasible, key=lambda c: (round(c.damage, 9), -c.cost, c.static_count, [-p for p, _ in c.stages]))
         return best, True
@@ -362,6 +374,7 @@ def _choose(scored: Sequence[_Scored], base_cost: float, target: float) -> tuple
 
 # ---- the planner -----------------------------------------------------------------------------
 MAX_CALIBRATION_ROUNDS = 6
+FIT_MARGIN = 0.05
 PROBE_TOKEN_COUNTS = 4
 
 
@@ -415,10 +428,11 @@ def make_plan(
         )
         for _ in range(MAX_CALIBRATION_ROUNDS):
             choice, _ = _choose_with(search, geom, lat, target)
-            layout = plan_layout(geom, _to_plan(search, geom, choice))
-            if lat.measured(layout):
+            if choice.exact:
                 break
-            lat.ensure(layout)  # time the chosen plan's own token counts, then choose again
+            lat.ensure(plan_layout(geom, _to_plan(search, geom, choice)))  # time its own cases, choose again
+        else:  # not settled: choose among the candidates whose every case has been timed
+            choice, _ = _choose_with(search, geom, lat, target, timed_only=True)
         say(f"calibration took {lat.seconds_spent:.1f} s ({lat.threads} threads)")
     else:
         choice, _ = _choose_with(search, geom, None, target)
@@ -445,7 +459,9 @@ def unreachable_message(plan: Plan) -> str:
     return f"budget {plan.budget} not reachable: best plan reaches {p.get('speedup', 0):.2f}x (target {p.get('target_speedup', 0):.2f}x)"
 
 
-def _choose_with(search: _Search, geom: "ModelGeometry", lat: Optional["LatencyModel"], target: float) -> tuple[_Scored, bool]:
+def _choose_with(
+    search: _Search, geom: "ModelGeometry", lat: Optional["LatencyModel"], target: float, timed_only: bool = False
+) -> tuple[_Scored, bool]:
     from vitcompress.cost import STATIC, glad_macs_per_channel
 
     if lat is None:
@@ -466,7 +482,26 @@ def _choose_with(search: _Search, geom: "ModelGeometry", lat: Optional["LatencyM
 
         glad_cost, fixed = lat.glad_s, lat.fixed_s
     base = fixed + sum(block_cost(i, "dynamic", geom.num_tokens) for i in range(geom.depth))
-    return _choose(search.score_all(block_cost, glad_cost, fixed), base, target)
+    exact = _timed_check(geom, lat) if lat is not None else (lambda _: True)
+    scored = search.score_all(block_cost, glad_cost, fixed, exact)
+    if timed_only:
+        scored = [c for c in scored if c.exact]
+    return _choose(scored, base, target)
+
+
+def _timed_check(geom: "ModelGeometry", lat: "LatencyModel") -> Callable[[Stages], bool]:
+    """Whether every case of a reduction layout has been timed (full-length blocks always are)."""
+
+    def check(stages: Stages) -> bool:
+        in_grids: tuple[tuple[int, int], ...] = (geom.grid,)
+        for _, scales in stages:
+            tokens = geom.num_prefix_tokens + sum(s * s for s in scales)
+            if not (lat.timed_block("dynamic", tokens) and lat.timed_glad(scales, in_grids)):
+                return False
+            in_grids = tuple((s, s) for s in scales)
+        return True
+
+    return check
 
 
 def _to_plan(search: _Search, geom: "ModelGeometry", choice: _Scored) -> Plan:
