@@ -101,3 +101,14 @@ def test_staged_flow_analyze_then_compress(setup: tuple[str, Path]) -> None:
     assert Path("vitcompress-out/tiny-vit/plan.json").is_file()
     meta = read_metadata("vitcompress-out/tiny-vit/model.safetensors")
     assert meta["model"]["model_id"] == model and meta["plan"]["budget"] == "1.5x"
+
+
+def test_fresh_folder_runs_on_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compress", "--budget", "2x", "--no-finetune", "--no-calibrate", "--no-speed",
+                                 "--samples", "16", "--threads", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "running on the built-in demo" in result.output
+    meta = read_metadata("vitcompress-out/demo/model.safetensors")
+    assert meta["model"]["model_id"] == "demo" and meta["plan"]["budget"] == "2x"
+    assert 0.0 <= meta["teacher_top1"] <= 1.0 and 0.0 <= meta["student_top1"] <= 1.0
