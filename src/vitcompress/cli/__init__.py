@@ -12,6 +12,7 @@ _COMMAND_MODULES = [
     "vitcompress.cli.plan",
     "vitcompress.cli.bench",
     "vitcompress.cli.analyze",
+    "vitcompress.cli.compress",
 ]
 for _name in _COMMAND_MODULES:
     importlib.import_module(_name)
