@@ -14,13 +14,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from timm.models import save_for_hf
 
-from vitcompress.data import build_transform, demo_split_indices, load_data
+from vitcompress.data import demo_split_indices, load_data
 
 ARCH = "deit_tiny_patch16_224"
 MODEL_ARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 8, "num_heads": 4, "num_classes": 10}

@@ -32,6 +32,15 @@ def requires_shared(*parts: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models run ~10x faster on one thread than on two busy cores; timing lives in benchmarks/.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never reach the network; make hub lookups fail fast the same way on every machine.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,7 @@ from torch import nn
 
 from vitcompress.convert import convert, glad_modules, static_attention_modules, validate_plan
 from vitcompress.errors import UnsupportedModelError, VitcompressError
-from vitcompress.modules import DGSSA, GLAD
+from vitcompress.modules import DGSSA
 from vitcompress.plan import Plan, Reduction
 
 TINY = dict(pretrained=False, img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=2)

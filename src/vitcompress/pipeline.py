@@ -25,12 +25,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from vitcompress._io import write_json_atomic
+from vitcompress._io import OUTPUT_ROOT, model_slug, output_dir_for, write_json_atomic
 from vitcompress.errors import DataError, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult, barrier, evaluate_top1, init_distributed
 from vitcompress.plan import Plan
 
-OUTPUT_ROOT = Path("vitcompress-out")
 ANALYSIS_JSON = "analysis.json"
 PLAN_JSON = "plan.json"
 MODEL_FILE = "model.safetensors"
@@ -80,22 +79,6 @@ class CompressResult:
 
 
 # ---- folders ---------------------------------------------------------------------------------
-def model_slug(model_id: str) -> str:
-    """A folder name for a model id: ``deit_small``, ``org_name`` (hf-hub), the folder's name
-    (local-dir). The same rule as ``vitcompress analyze --out``'s default, so stages find each other."""
-    name = model_id.strip()
-    if name.startswith("local-dir:"):
-        name = Path(name[len("local-dir:") :].rstrip("/")).name
-    elif name.startswith("hf-hub:"):
-        name = name[len("hf-hub:") :]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
-def output_dir_for(model_id: str, root: str | Path = OUTPUT_ROOT) -> Path:
-    """``<root>/<model slug>``: where every stage writes for this model."""
-    return Path(root) / model_slug(model_id)
-
-
 def find_latest_analysis(root: str | Path = OUTPUT_ROOT) -> Optional[Path]:
     """The most recently written ``<root>/*/analysis.json``, or None."""
     candidates = [p for p in Path(root).glob(f"*/{ANALYSIS_JSON}") if p.is_file()]

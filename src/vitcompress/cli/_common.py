@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from vitcompress._io import output_dir_for as default_out_dir
 from vitcompress.analyze import Analysis, Thresholds, analyze, save_analysis
 from vitcompress.cli._app import app
 from vitcompress.cli._common import (
@@ -108,17 +108,6 @@ def analyze_command(
         out.print(summary_line(result), highlight=False)
     for key, path in paths.items():
         note(f"wrote {path}")
-
-
-def default_out_dir(model_name: str) -> Path:
-    """./vitcompress-out/<model name made safe for a folder name>/."""
-    name = model_name
-    for prefix in ("local-dir:", "hf-hub:"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            name = Path(name.rstrip("/")).name if prefix == "local-dir:" else name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-    return Path("vitcompress-out") / safe
 
 
 def analysis_table(result: Analysis) -> Table:
