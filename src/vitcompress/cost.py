@@ -299,7 +299,7 @@ class LatencyModel:
     block_times: dict[tuple[str, int], float] = field(default_factory=dict)
     glad_times: dict[tuple[tuple[int, ...], tuple[Grid, ...]], float] = field(default_factory=dict)
     seconds_spent: float = 0.0
-    rounds: int = 3
+    rounds: int = 5
     _timer: Optional["_PartTimer"] = field(default=None, repr=False)
 
     @classmethod
@@ -312,7 +312,7 @@ class LatencyModel:
         threads: Optional[int] = None,
         token_counts: Sequence[int] = (),
         glads: Sequence[tuple[tuple[int, ...], tuple[Grid, ...]]] = (),
-        rounds: int = 3,
+        rounds: int = 5,
     ) -> "LatencyModel":
         """Time, interleaved: a dynamic and a static block on the full token count, everything
         outside the blocks, dynamic blocks on ``token_counts`` tokens, and the GLAD stages
