@@ -93,4 +93,5 @@ def test_calibrated_plan(model_dir: Path, tmp_path: Path) -> None:
     plan = load_plan(tmp_path)
     assert plan.predicted["calibrated"] and plan.predicted["threads"] == 1 and plan.predicted["batch_size"] == 2
     assert "ms/batch" in result.stdout and "calibrated latency" in result.stdout
+    assert plan.predicted["verified"] and f"verified speed-up {plan.predicted['measured_speedup']:.2f}x" in result.stdout
     assert "calibration took" in result.stderr

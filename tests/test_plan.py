@@ -205,7 +205,7 @@ def test_calibrated_plan_rests_on_measured_timings(model: torch.nn.Module) -> No
         warnings.simplefilter("ignore")  # timings of a tiny model at batch 2 may not reach the budget: fine here
         plan = make_plan(model, None, "1.1x", calibrate=True, batch_size=2, threads=1)
     p = plan.predicted
-    assert p["calibrated"] and p["speedup"] == p["latency_speedup"]
+    assert p["calibrated"] and p["verified"] and p["speedup"] == p["measured_speedup"] > 0
     assert (p["device"], p["threads"], p["batch_size"]) == ("cpu", 1, 2)
     timed = {(d["kind"], d["tokens"]) for d in p["calibration"]["blocks_ms"]}
     assert set(zip(p["block_kinds"], p["tokens_per_block"])) <= timed  # no fitted value in the final prediction
@@ -214,6 +214,74 @@ def test_calibrated_plan_rests_on_measured_timings(model: torch.nn.Module) -> No
     assert p["latency_ms"] == pytest.approx(p["fixed_ms"] + sum(p["block_ms"]) + sum(p["glad_ms"]))
     assert p["budget_met"] == (p["speedup"] >= 1.1 * (1 - 1e-9))
     assert p["flops"] == count_flops(convert(model, plan))
+
+
+def _overpredicting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the latency model believe blocks on fewer tokens are far cheaper than they are."""
+    from vitcompress.cost import LatencyModel
+
+    real = LatencyModel.block_s
+
+    def block_s(self, kind: str, tokens: int) -> float:
+        return real(self, kind, tokens) * (tokens / self.num_tokens) ** 2
+
+    monkeypatch.setattr(LatencyModel, "block_s", block_s)
+
+
+def test_verification_times_the_converted_model_and_judges_the_plan_on_it(model, monkeypatch) -> None:
+    _overpredicting(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whether a tiny model at batch 2 meets the budget is not tested
+        plan = make_plan(model, None, "1.5x", calibrate=True, batch_size=2, threads=1)
+    p = plan.predicted
+    assert p["verified"] is True and p["speedup_source"] == "measured"
+    assert p["measured_speedup"] > 0 and p["latency_speedup"] > 0 and p["speedup"] == p["measured_speedup"]
+    assert p["budget_met"] == (p["measured_speedup"] >= 1.5 * (1 - 1e-9))  # judged on the measurement
+    trials = p["verification"]
+    assert 1 <= len(trials) <= 3 and sum(t["chosen"] for t in trials) == 1
+    chosen = next(t for t in trials if t["chosen"])
+    assert chosen["measured_speedup"] == p["measured_speedup"] and chosen["static_layers"] == plan.static_layers
+    assert all(t["measured_speedup"] > 0 and t["latency_speedup"] > 0 for t in trials)
+    assert p["speedup_correction"] == pytest.approx(p["measured_speedup"] / p["latency_speedup"])
+
+
+def test_a_short_measurement_corrects_the_predictions_and_plans_again(model, monkeypatch) -> None:
+    """Deterministic: the 'measured' speed-up is 60% of the (overpredicting) latency model's own
+    prediction, so the first plan misses 2x; the corrected search (factor 0.6) finds one that meets it."""
+    from vitcompress.cost import LatencyModel, model_geometry, plan_layout
+
+    _overpredicting(monkeypatch)
+    geom = model_geometry(model)
+    timed = []
+
+    def measure_plan(self, model, plan, rounds=3, round_seconds=0.25):
+        timed.append(plan)
+        base = self.fixed_s + geom.depth * self.block_s("dynamic", geom.num_tokens)
+        value = 0.6 * base / self.layout_s(plan_layout(geom, plan))[0]
+        return value, [value] * rounds
+
+    monkeypatch.setattr(LatencyModel, "measure_plan", measure_plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = make_plan(model, None, "2x", calibrate=True, batch_size=2, threads=1)
+    p, trials = plan.predicted, plan.predicted["verification"]
+    assert len(trials) == len(timed) == 2  # the first plan fell short; the re-plan meets the budget
+    first, second = trials
+    assert first["measured_speedup"] < 2.0 and first["correction"] == 1.0 and not first["chosen"]
+    assert second["correction"] == pytest.approx(0.6) and second["chosen"]
+    assert second["latency_speedup"] >= 2.0 / 0.6 * (1 - 1e-9)  # searched against the corrected budget
+    assert p["speedup"] == p["measured_speedup"] == second["measured_speedup"] >= 2.0 * (1 - 1e-9)
+    assert p["budget_met"] is True and p["speedup_correction"] == pytest.approx(0.6)
+    assert p["flops"] == count_flops(convert(model, plan))
+
+
+def test_without_verification_the_latency_prediction_is_the_figure(model) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = make_plan(model, None, "1.1x", calibrate=True, batch_size=2, threads=1, verify=False)
+    p = plan.predicted
+    assert p["verified"] is False and p["measured_speedup"] is None and p["speedup"] == p["latency_speedup"]
+    assert _plan(model, "1.5x").predicted["verified"] is False
 
 
 def test_unsupported_model_is_refused() -> None:

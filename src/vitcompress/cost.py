@@ -20,6 +20,9 @@ as the sum of its parts. Every case is timed interleaved with a reference (the s
 full token count) and kept as a ratio to it, so a busy machine shifts all cases alike. Token counts
 that were not timed come from a least-squares fit ``a + b*N + c*N^2``; ``LatencyModel.ensure``
 times a plan's own cases, so the planner's final prediction rests on measurements only.
+Composing isolated parts can still miss what only the whole model shows (on a tiny model, per-call
+overheads and cache effects between blocks), so ``LatencyModel.measure_plan`` times the converted
+model against the original (``measure_speedup``); the planner uses it to verify its choice.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import copy
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -263,6 +267,31 @@ def time_interleaved(
     return table
 
 
+def measure_speedup(
+    original: nn.Module,
+    converted: nn.Module,
+    *,
+    batch_size: int,
+    device: torch.device,
+    threads: Optional[int] = None,
+    rounds: int = 3,
+    round_seconds: float = 0.1,
+) -> tuple[float, list[float]]:
+    """Measured speed-up of ``converted`` over ``original`` (both ready on ``device``, in eval mode):
+    the median over ``rounds`` interleaved rounds (``time_interleaved``) of the per-round ratio
+    original time / converted time, on one fixed random batch of ``batch_size`` images. Returns
+    (median, per-round ratios)."""
+    h, w = _image_size(original)
+    ref = next(original.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch_size, int(original.patch_embed.proj.in_channels), h, w), generator=gen)
+    x = x.to(device=device, dtype=ref.dtype)
+    with torch_threads(threads), torch.inference_mode():
+        table = time_interleaved([lambda: original(x), lambda: converted(x)], device, rounds, round_seconds)
+    ratios = [row[0] / row[1] for row in table]
+    return statistics.median(ratios), ratios
+
+
 def fit_quadratic(points: Sequence[tuple[int, float]]) -> list[float]:
     """Least-squares ``[a, b, c]`` of ``t = a + b*N + c*N^2`` minimising the relative error."""
     if not points:
@@ -381,6 +410,28 @@ class LatencyModel:
         """Time every block kind/token count and GLAD stage of ``layout`` not timed yet."""
         self._measure(self._cases(layout))
 
+    def measure_plan(
+        self, model: nn.Module, plan: Plan, rounds: int = 3, round_seconds: float = 0.25
+    ) -> tuple[float, list[float]]:
+        """Convert ``model`` with ``plan`` and time it against the original on this model's
+        device, threads and batch size (``measure_speedup``): (measured speed-up, per-round ratios).
+        Whole models are timed, so what timing the parts in isolation misses (small models in
+        particular: per-call overheads, cache effects between blocks) is included."""
+        from vitcompress.convert import convert
+
+        if self._timer is None:
+            raise VitcompressError("this latency model has no model attached: calibrate again to verify a plan")
+        timer = self._timer
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # static layers start from uniform attention: same cost
+            converted = convert(model, plan).eval().to(timer.device)
+        result = measure_speedup(timer.original(), converted, batch_size=self.batch_size, device=timer.device,
+                                 threads=timer.threads_request, rounds=rounds,
+                                 round_seconds=round_seconds)
+        self.seconds_spent += time.perf_counter() - start
+        return result
+
     # -- predicting
     def block_s(self, kind: str, tokens: int) -> float:
         """Seconds per batch of one block of ``kind`` on ``tokens`` tokens (measured, else fitted)."""
@@ -453,6 +504,13 @@ class _PartTimer:
         # A middle block stands for all of them (a ViT's blocks have the same sizes).
         self.block = copy.deepcopy(model.blocks[len(model.blocks) // 2]).eval().to(self.device)
         self._modules: dict[Case, nn.Module] = {}
+        self._original: Optional[nn.Module] = None
+
+    def original(self) -> nn.Module:
+        """The whole unconverted model on the timing device, in eval mode (a copy, made once)."""
+        if self._original is None:
+            self._original = copy.deepcopy(self.model).eval().to(self.device)
+        return self._original
 
     def run(self, cases: Sequence[Case], rounds: int) -> list[list[float]]:
         fns = [self._call(case) for case in cases]
@@ -512,6 +570,7 @@ __all__ = [
     "fit_quadratic",
     "glad_macs_per_channel",
     "layout_macs",
+    "measure_speedup",
     "model_geometry",
     "plan_flops",
     "plan_layout",

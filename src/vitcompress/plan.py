@@ -376,6 +376,8 @@ def _choose(scored: Sequence[_Scored], base_cost: float, target: float) -> tuple
 MAX_CALIBRATION_ROUNDS = 6
 FIT_MARGIN = 0.05
 PROBE_TOKEN_COUNTS = 4
+MAX_REPLANS = 2  # re-searches after a verification that falls short of the budget
+VERIFY_ROUNDS = 3  # interleaved rounds when timing a converted model against the original
 
 
 def make_plan(
@@ -388,6 +390,7 @@ def make_plan(
     threads: Optional[int] = None,
     *,
     max_stages: int = 2,
+    verify: bool = True,
     log: Optional[Callable[[str], None]] = None,
 ) -> Plan:
     """Choose static layers and token reductions so that the predicted speed-up meets ``budget``.
@@ -404,11 +407,28 @@ def make_plan(
     counts the chosen plan uses are then timed exactly and the choice is repeated until it only
     uses timed cases, so its predicted latency comes from measurements, not from the fit.
 
+    Verification (``calibrate`` and ``verify``, the default): the chosen plan is applied
+    (``convert``) and the converted model is timed against the original, interleaved, on the same
+    device, threads and batch size (``VERIFY_ROUNDS`` rounds, median of the per-round ratios).
+    Timing parts in isolation and adding them up can overpredict, most on small models (per-call
+    overheads). If the measured speed-up falls short of the budget, the latency model's predicted
+    speed-ups are corrected by one factor, measured / predicted of the plan just timed (every
+    candidate's predicted speed-up is multiplied by it, i.e. the search runs against
+    ``budget / factor``), and the search runs again, at most ``MAX_REPLANS`` times (stopping early
+    when it picks a plan already timed). Of the plans timed, the least damaging one whose measured
+    speed-up meets the budget is kept, else the one measured fastest.
+    ``predicted["speedup"]``, the figure the plan is judged on (``budget_met``), is then the
+    measured speed-up (also in ``measured_speedup``, with ``verified: True`` and
+    ``speedup_source: "measured"``); ``latency_speedup`` keeps the latency model's own prediction,
+    ``speedup_correction`` their ratio and ``verification`` every plan timed. Without
+    verification ``speedup`` is the latency prediction (``calibrate``) or the FLOP speed-up, with
+    ``verified: False`` and ``measured_speedup: None``.
+
     ``analysis``: an ``Analysis`` of this model (``vitcompress.analyze``), or None.
     ``plan.predicted`` records FLOPs, parameters, speed-ups, per-block tokens/kinds/costs and how
     the prediction was made.
     """
-    from vitcompress.cost import LatencyModel, model_geometry, plan_layout
+    from vitcompress.cost import LatencyModel, model_geometry
     from vitcompress.models import check_supported
 
     check_supported(model)
@@ -426,19 +446,32 @@ def make_plan(
             model, batch_size=batch_size, device=device, threads=threads, token_counts=probes,
             glads=_probe_glads(search.options, geom.grid),
         )
-        for _ in range(MAX_CALIBRATION_ROUNDS):
-            choice, _ = _choose_with(search, geom, lat, target)
-            if choice.exact:
-                break
-            lat.ensure(plan_layout(geom, _to_plan(search, geom, choice)))  # time its own cases, choose again
-        else:  # not settled: choose among the candidates whose every case has been timed
-            choice, _ = _choose_with(search, geom, lat, target, timed_only=True)
+        choice = _calibrated_choice(search, geom, lat, target)
         say(f"calibration took {lat.seconds_spent:.1f} s ({lat.threads} threads)")
     else:
         choice, _ = _choose_with(search, geom, None, target)
+    trials: list[dict[str, Any]] = []
+    if lat is not None and verify:
+        choice, trials = _verify(model, search, geom, lat, target, choice, say)
     plan = _to_plan(search, geom, choice)
     plan.budget = budget_text
     plan.predicted = predict(model, plan, latency=lat, scores=scores, geometry=geom)
+    if trials:
+        measured = next(t["measured_speedup"] for t in trials if t["chosen"])
+        plan.predicted.update({
+            "speedup": measured,
+            "measured_speedup": measured,
+            "verified": True,
+            "speedup_source": "measured",
+            "speedup_correction": measured / plan.predicted["latency_speedup"],
+            "verification": trials,
+        })
+    else:
+        plan.predicted.update({
+            "measured_speedup": None,
+            "verified": False,
+            "speedup_source": "latency" if lat is not None else "flops",
+        })
     plan.predicted.update({
         "target_speedup": target,
         "budget_met": plan.predicted["speedup"] >= target * (1 - 1e-9),
@@ -451,6 +484,72 @@ def make_plan(
     if not plan.predicted["budget_met"]:
         warnings.warn(unreachable_message(plan), stacklevel=2)
     return plan
+
+
+def _calibrated_choice(search: _Search, geom: "ModelGeometry", lat: "LatencyModel", target: float) -> _Scored:
+    """Choose with the latency model, timing the choice's own cases until it rests on timed ones."""
+    from vitcompress.cost import plan_layout
+
+    for _ in range(MAX_CALIBRATION_ROUNDS):
+        choice, _ = _choose_with(search, geom, lat, target)
+        if choice.exact:
+            return choice
+        lat.ensure(plan_layout(geom, _to_plan(search, geom, choice)))  # time its own cases, choose again
+    # not settled: choose among the candidates whose every case has been timed
+    choice, _ = _choose_with(search, geom, lat, target, timed_only=True)
+    return choice
+
+
+def _latency_speedup(lat: "LatencyModel", geom: "ModelGeometry", plan: Plan) -> float:
+    """The latency model's predicted speed-up of ``plan`` (its cases timed first)."""
+    from vitcompress.cost import plan_layout
+
+    layout = plan_layout(geom, plan)
+    lat.ensure(layout)
+    base_s = lat.fixed_s + geom.depth * lat.block_s("dynamic", geom.num_tokens)
+    return base_s / lat.layout_s(layout)[0]
+
+
+def _verify(
+    model: "nn.Module", search: _Search, geom: "ModelGeometry", lat: "LatencyModel", target: float,
+    choice: _Scored, say: Callable[[str], None],
+) -> tuple[_Scored, list[dict[str, Any]]]:
+    """Time the converted model of ``choice`` against the original; while it falls short of
+    ``target``, correct the predicted speed-ups by measured / predicted and search again (at most
+    ``MAX_REPLANS`` times). Returns the plan kept (see ``make_plan``) and a record of every plan timed."""
+    tried: list[tuple[_Scored, float, float, float]] = []  # (candidate, predicted, measured, correction used)
+    correction = 1.0
+    for attempt in range(MAX_REPLANS + 1):
+        plan = _to_plan(search, geom, choice)
+        predicted = _latency_speedup(lat, geom, plan)
+        measured, _ = lat.measure_plan(model, plan, rounds=VERIFY_ROUNDS)
+        tried.append((choice, predicted, measured, correction))
+        say(f"verification: the converted model runs {measured:.2f}x faster than the original "
+            f"(latency model predicted {predicted:.2f}x)")
+        if measured >= target * (1 - 1e-9) or attempt == MAX_REPLANS:
+            break
+        correction = measured / predicted
+        say(f"below the {target:.2f}x budget: predicted speed-ups scaled by {correction:.2f}, planning again")
+        choice = _calibrated_choice(search, geom, lat, target / correction)
+        if any(choice.stages == c.stages and choice.static_count == c.static_count for c, *_ in tried):
+            break  # the corrected search picks a plan already timed
+    met = [t for t in tried if t[2] >= target * (1 - 1e-9)]
+    if met:
+        kept = min(met, key=lambda t: (round(t[0].damage, 9), -t[0].cost, t[0].static_count))
+    else:
+        kept = max(tried, key=lambda t: t[2])
+    records = []
+    for c, predicted, measured, used in tried:
+        p = _to_plan(search, geom, c)
+        records.append({
+            "static_layers": p.static_layers,
+            "reductions": [{"before_block": r.before_block, "scales": r.scales} for r in p.reductions],
+            "latency_speedup": predicted,
+            "measured_speedup": measured,
+            "correction": used,
+            "chosen": c is kept[0],
+        })
+    return kept[0], records
 
 
 def unreachable_message(plan: Plan) -> str:
