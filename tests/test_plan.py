@@ -312,3 +312,11 @@ def test_load_plan_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"static_layers": [], "reductions": [{"scales": [2, 1]}]}')
     with pytest.raises(VitcompressError, match="not a readable plan"):
         load_plan(tmp_path / "broken.json")
+
+
+def test_measured_speedups_get_a_noise_tolerance_predictions_do_not() -> None:
+    from vitcompress.plan import MEASURED_TOLERANCE, _meets
+
+    assert _meets(2.0 * (1 - MEASURED_TOLERANCE) + 1e-6, 2.0, measured=True)
+    assert not _meets(2.0 * (1 - MEASURED_TOLERANCE) - 1e-3, 2.0, measured=True)
+    assert not _meets(1.99, 2.0, measured=False) and _meets(2.0, 2.0, measured=False)
