@@ -15,6 +15,7 @@ from vitcompress.convert import convert
 from vitcompress.errors import VitcompressError
 from vitcompress.flops import count_flops
 from vitcompress.plan import (
+    MEASURED_TOLERANCE,
     FIT_MARGIN,
     LayerScore,
     Plan,
@@ -212,7 +213,7 @@ def test_calibrated_plan_rests_on_measured_timings(model: torch.nn.Module) -> No
     timed_glads = {tuple(d["scales"]) for d in p["calibration"]["glads_ms"]}
     assert {tuple(r.scales) for r in plan.reductions} <= timed_glads
     assert p["latency_ms"] == pytest.approx(p["fixed_ms"] + sum(p["block_ms"]) + sum(p["glad_ms"]))
-    assert p["budget_met"] == (p["speedup"] >= 1.1 * (1 - 1e-9))
+    assert p["budget_met"] == (p["speedup"] >= 1.1 * (1 - MEASURED_TOLERANCE))  # measured: noise tolerance
     assert p["flops"] == count_flops(convert(model, plan))
 
 

@@ -81,7 +81,7 @@ def glad_modules(model: nn.Module) -> dict[int, GLAD]:
 
 def validate_plan(model: nn.Module, plan: Plan) -> None:
     """Raise a VitcompressError saying what is wrong if ``plan`` cannot be applied to ``model``."""
-    depth, grid, prefix = _model_geometry(model)
+    depth, grid, prefix = vit_geometry(model)
     if static_attention_modules(model) or glad_modules(model):
         raise VitcompressError("the model is already converted: convert the original (uncompressed) model")
     if plan.num_blocks != depth or tuple(plan.grid) != grid or plan.num_prefix_tokens != prefix:
@@ -102,7 +102,7 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
         patch_tokens = r.keep_tokens
 
 
-def _model_geometry(model: nn.Module) -> tuple[int, tuple[int, int], int]:
+def vit_geometry(model: nn.Module) -> tuple[int, tuple[int, int], int]:
     """(depth, patch grid, prefix tokens) of a supported timm ViT, or UnsupportedModelError."""
     blocks = getattr(model, "blocks", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)

@@ -95,19 +95,14 @@ class ModelGeometry:
 
 def model_geometry(model: nn.Module) -> ModelGeometry:
     """Read the sizes of a stock timm VisionTransformer (raises UnsupportedModelError otherwise)."""
-    blocks = getattr(model, "blocks", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if not isinstance(blocks, nn.Sequential) or grid is None or not hasattr(model, "num_prefix_tokens"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer (needs blocks, patch_embed.grid_size, "
-            f"num_prefix_tokens): use a timm ViT/DeiT model"
-        )
-    geoms = tuple(_block_geometry(i, blk) for i, blk in enumerate(blocks))
-    grid = (int(grid[0]), int(grid[1]))
+    from vitcompress.convert import vit_geometry
+
+    _, grid, num_prefix_tokens = vit_geometry(model)
+    geoms = tuple(_block_geometry(i, blk) for i, blk in enumerate(model.blocks))
     return ModelGeometry(
         blocks=geoms,
         embed_dim=geoms[0].embed_dim,
-        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_prefix_tokens=num_prefix_tokens,
         grid=grid,
         fixed_macs=_fixed_macs(model, grid),
         params=sum(p.numel() for p in model.parameters()),
