@@ -112,3 +112,10 @@ def test_fresh_folder_runs_on_the_demo(tmp_path: Path, monkeypatch: pytest.Monke
     meta = read_metadata("vitcompress-out/demo/model.safetensors")
     assert meta["model"]["model_id"] == "demo" and meta["plan"]["budget"] == "2x"
     assert 0.0 <= meta["teacher_top1"] <= 1.0 and 0.0 <= meta["student_top1"] <= 1.0
+
+
+def test_bad_budget_fails_before_any_work(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compress", "--budget", "abc"])
+    assert result.exit_code == 2 and "budget 'abc' is not understood" in result.output
+    assert not (tmp_path / "vitcompress-out").exists()  # nothing analysed or written

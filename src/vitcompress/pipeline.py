@@ -28,7 +28,7 @@ from torch import nn
 from vitcompress._io import OUTPUT_ROOT, model_slug, output_dir_for, write_json_atomic
 from vitcompress.errors import DataError, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult, barrier, evaluate_top1, init_distributed
-from vitcompress.plan import Plan
+from vitcompress.plan import Plan, parse_budget
 
 ANALYSIS_JSON = "analysis.json"
 PLAN_JSON = "plan.json"
@@ -358,6 +358,8 @@ def compress(
     log = _rank0_log(log, info.is_main)
     cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()
     cfg.validate()
+    if plan is None:
+        parse_budget(budget)  # a bad budget fails now, not after the analysis
     out_root = Path(out_root)
     inputs = _resolve_inputs(model, data, analysis, plan, out_root, log)
     output_path = Path(output) if output is not None else inputs.out_dir / MODEL_FILE
