@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
@@ -11,8 +13,10 @@ from rich.console import Console
 from vitcompress.errors import VitcompressError
 
 # Tables and results go to stdout; progress, notes and errors to stderr, so `--json` stays clean.
-out = Console()
-err = Console(stderr=True)
+# Piped into a file or a CI log, rich would squeeze tables into 80 columns: give them room instead.
+_PIPED_WIDTH = None if os.environ.get("COLUMNS") else 160
+out = Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
