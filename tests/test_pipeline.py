@@ -221,3 +221,12 @@ def test_compress_resume_reuses_the_runs_plan(tmp_path: Path, tiny_model_id: str
     assert resumed.plan.to_dict() == first.plan.to_dict()  # the checkpoint's architecture, not the new plan
     assert resumed.finetune is not None and resumed.finetune.resumed_from == 3 and resumed.finetune.steps == 4
     assert any("--resume" in m for m in messages)
+
+
+def test_corrupt_run_file_is_a_one_line_error(tmp_path: Path) -> None:
+    from vitcompress.errors import VitcompressError
+    from vitcompress.pipeline import continue_finetune
+
+    (tmp_path / "run.json").write_text("{truncated")
+    with pytest.raises(VitcompressError, match=r"run.json is not valid JSON .*vitcompress compress"):
+        continue_finetune(tmp_path, log=lambda _: None)

@@ -33,6 +33,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """Parse a JSON file we wrote; a corrupt one is a one-line error ending with ``remedy``."""
+    from vitcompress.errors import VitcompressError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VitcompressError(f"{path} is not valid JSON ({exc}): {remedy}") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

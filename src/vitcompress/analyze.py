@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitcompress._io import atomic_path, write_json_atomic
+from vitcompress._io import atomic_path, read_json, write_json_atomic
 from vitcompress.errors import DataError, UnsupportedModelError, VitcompressError
 
 SCHEMA = "vitcompress.analysis"
@@ -683,10 +683,7 @@ def load_analysis(path: str | Path, *, load_means: bool = True) -> Analysis:
     json_path = path / JSON_NAME if path.is_dir() else path
     if not json_path.is_file():
         raise VitcompressError(f"no analysis at {json_path}: run `vitcompress analyze MODEL --out {json_path.parent}` first")
-    try:
-        raw = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VitcompressError(f"{json_path} is not valid JSON ({exc}); rerun `vitcompress analyze`") from None
+    raw = read_json(json_path, "rerun `vitcompress analyze`")
     analysis = Analysis.from_dict(raw)
     if load_means:
         analysis.attention_means = _load_means(json_path.parent / MEANS_NAME, analysis)

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from vitcompress._io import read_json
 from vitcompress.errors import ModelLoadError, UnsupportedModelError
 from vitcompress.hub import hub_mode, offline_reason
 
@@ -134,10 +135,7 @@ def _local_dir_config(path: str) -> dict[str, Any]:
             f"local-dir:{path}: no config.json there; expected timm's local format "
             "(config.json + model.safetensors, as written by timm.models.save_for_hf)"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"local-dir:{path}: config.json is not valid JSON ({exc})") from None
+    config = read_json(config_file, "expected timm's local format (timm.models.save_for_hf)")
     if "architecture" not in config:
         raise ModelLoadError(f"local-dir:{path}: config.json has no 'architecture' entry")
     return config

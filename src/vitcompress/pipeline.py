@@ -13,7 +13,6 @@ and attention means to the others, all processes fine-tune together, and rank 0 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import statistics
 import time
@@ -25,7 +24,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from vitcompress._io import OUTPUT_ROOT, model_slug, output_dir_for, write_json_atomic
+from vitcompress._io import OUTPUT_ROOT, model_slug, output_dir_for, read_json, write_json_atomic
+from vitcompress.bench import measure_interleaved
 from vitcompress.errors import DataError, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult, barrier, evaluate_top1, init_distributed
 from vitcompress.plan import Plan, parse_budget
@@ -166,9 +166,10 @@ def measure_speedup(
     runners = {"teacher": lambda: teacher(x), "student": lambda: student(x)}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     if rounds is None:
-        one_round = sum(_interleaved(runners, 1, 1, sync)[name][0] for name in runners)  # also warms up
+        first = measure_interleaved(runners, warmup=1, repeats=1, sync=sync)  # also warms up
+        one_round = sum(times[0] for times in first.values())
         rounds = int(min(200, max(10, seconds / max(one_round, 1e-6))))
-    samples = _interleaved(runners, 1, rounds, sync)
+    samples = measure_interleaved(runners, warmup=1, repeats=rounds, sync=sync)
     ratios = sorted(t / s for t, s in zip(samples["teacher"], samples["student"]))
     return {
         "speedup": statistics.median(ratios),
@@ -182,26 +183,6 @@ def measure_speedup(
         "device": str(device),
         "method": "median over interleaved rounds of teacher/student batch latency",
     }
-
-
-def _interleaved(runners: dict[str, Callable[[], Any]], warmup: int, rounds: int, sync: Any) -> dict[str, list[float]]:
-    """bench.py's interleaved timer (gc paused, order rotated each round), or a plain one."""
-    try:
-        from vitcompress.bench import measure_interleaved
-    except ImportError:
-        measure_interleaved = None
-    if measure_interleaved is not None:
-        return measure_interleaved(runners, warmup=warmup, repeats=rounds, sync=sync)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(warmup + rounds):
-        for name in list(runners)[r % 2 :] + list(runners)[: r % 2]:
-            start = time.perf_counter()
-            runners[name]()
-            if sync is not None:
-                sync()
-            if r >= warmup:
-                samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 # ---- the pipeline ----------------------------------------------------------------------------
@@ -415,7 +396,7 @@ def _previous_run(cfg: FinetuneConfig, finetune: bool, log: Log) -> Optional[dic
     if not (finetune and cfg.resume and run_file.is_file() and checkpoint_path(cfg.workdir).is_file()):  # type: ignore[arg-type]
         return None
     log(f"--resume: continuing the run in {cfg.workdir} with its own plan (analysis and planning skipped)")
-    return json.loads(run_file.read_text(encoding="utf-8"))
+    return read_json(run_file, "start a new run without --resume")
 
 
 def _train_measure_export(
@@ -509,7 +490,7 @@ def continue_finetune(
     run_file = folder / RUN_FILE
     if not run_file.is_file():
         raise VitcompressError(f"{folder} holds no {RUN_FILE}: it is not a vitcompress fine-tuning folder")
-    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run = read_json(run_file, "start a new run with `vitcompress compress`")
     if workdir is None:
         log(f"continuing the latest run: {folder}")
     cfg = FinetuneConfig.from_dict({**run["config"], **_length_overrides(overrides or {})})

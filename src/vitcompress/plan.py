@@ -9,7 +9,6 @@ Block indices always refer to the original model's `blocks[i]`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
-from vitcompress._io import write_json_atomic
+from vitcompress._io import read_json, write_json_atomic
 from vitcompress.errors import VitcompressError
 
 if TYPE_CHECKING:
@@ -119,10 +118,7 @@ def load_plan(path: Union[str, os.PathLike]) -> Plan:
         source = source / PLAN_JSON
     if not source.is_file():
         raise VitcompressError(f"no plan at {source}: make one with `vitcompress plan MODEL --budget 2x`")
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VitcompressError(f"{source} is not valid JSON ({exc}): make the plan again with `vitcompress plan`") from None
+    data = read_json(source, "make the plan again with `vitcompress plan`")
     try:
         return Plan.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
