@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from rich.console import Console
+from rich.table import Table
+
 from vitcompress.analyze import Analysis, analyze, save_analysis
-from vitcompress.cli._common import out
-from vitcompress.cli.analyze import analysis_table, summary_line
 from vitcompress.data import load_data
 from vitcompress.models import load_model
 
@@ -57,6 +58,18 @@ def trend(name: str, values: list[float]) -> str:
             f"Spearman rho vs block index {rho:+.2f}: {verdict}")
 
 
+def layer_table(result: Analysis) -> Table:
+    """One row per block (`vitcompress analyze` prints the same measurements in its own table)."""
+    table = Table(title=f"{result.model_id}: {result.samples} images, N = {result.num_tokens} tokens, {result.num_heads} heads")
+    for header in ("block", "sim", "min", "KL", "r90", "r99", "eff.r", "r90/N", "recommendation"):
+        table.add_column(header, justify="left" if header == "recommendation" else "right")
+    for layer in result.layers:
+        table.add_row(str(layer.index), f"{layer.similarity_mean:.3f}", f"{layer.similarity_min:.3f}", f"{layer.kl_mean:.3f}",
+                      f"{layer.rank90_mean:.1f}", f"{layer.rank99_mean:.1f}", f"{layer.effective_rank_mean:.1f}",
+                      f"{layer.rank90_norm:.3f}", layer.recommendation)
+    return table
+
+
 def report_trends(result: Analysis) -> None:
     layers = result.layers
     print(trend("similarity (mean)", [layer.similarity_mean for layer in layers]))
@@ -81,13 +94,14 @@ def main() -> None:
 
     model, spec = load_model(f"local-dir:{args.model}")
     data = load_data(args.data, split="test", data_config=spec.data_config, limit=args.samples)
-    start = time.perf_counter()
+    start = time.monotonic()
     result = analyze(model, data, samples=args.samples, batch_size=args.batch_size, num_workers=0,
                      model_id=Path(args.model).name, data_source=f"{args.data} [test]")
-    seconds = time.perf_counter() - start
+    seconds = time.monotonic() - start
     paths = save_analysis(result, args.out)
-    out.print(analysis_table(result))
-    out.print(summary_line(result), highlight=False)
+    Console().print(layer_table(result))
+    print(f"static-attention candidates: {result.static_candidates() or 'none'}; "
+          f"token-reduction candidates: {result.reduce_candidates() or 'none'}")
     report_trends(result)
     print(f"{result.samples} images in {seconds:.1f} s ({torch.get_num_threads()} torch threads); plot: {paths['plot']}")
 

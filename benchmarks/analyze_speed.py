@@ -5,6 +5,10 @@ count, ms/image for: the plain forward (timm's default fused attention), the for
 attention recorder on (unfused attention, maps captured and dropped), and the full analysis
 (capture + streaming statistics; the SVDs run one matrix per thread), and the ratio to the plain forward.
 
+Timed with `vitcompress.timing` (the timer of every vitcompress figure): the three run interleaved,
+once each per round, the first one rotating; ms/image is the median over rounds and the ratio the
+median of the per-round ratios.
+
     PYTHONPATH=src python benchmarks/analyze_speed.py                      # deit_small, 224, 64 images
     PYTHONPATH=src python benchmarks/analyze_speed.py --images 16 --threads 2
 """
@@ -12,22 +16,12 @@ attention recorder on (unfused attention, maps captured and dropped), and the fu
 from __future__ import annotations
 
 import argparse
-import time
 
 import timm
 import torch
 
 from vitcompress.analyze import AttentionRecorder, analyze
-
-
-def timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` wall-clock runs, in seconds (the least disturbed by other processes)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from vitcompress.timing import Stats, measure_interleaved, speedup, torch_threads
 
 
 def main() -> None:
@@ -37,11 +31,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's current)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs all three once)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
@@ -61,18 +53,20 @@ def main() -> None:
     def analysis() -> None:
         analyze(model, images, samples=args.images, batch_size=args.batch_size, progress=False)
 
-    with torch.inference_mode():
-        model(batches[0])  # warm-up: allocator, kernels
-    t_plain = timed(plain, args.repeats)
-    t_recorded = timed(recorded, args.repeats)
-    t_analysis = timed(analysis, args.repeats)
+    runners = {"plain": plain, "recorded": recorded, "analysis": analysis}
+    with torch_threads(args.threads) as threads:
+        seconds = measure_interleaved(runners, warmup=args.warmup, repeats=args.repeats)
 
     n = args.images
+    ms = {name: Stats.of(samples).median / n * 1e3 for name, samples in seconds.items()}
+    recorded_ratio = speedup(seconds["recorded"], seconds["plain"]).median  # per-round recorded / plain
+    analysis_ratio = speedup(seconds["analysis"], seconds["plain"]).median
     print(f"model {args.model} (random init), {args.img_size}x{args.img_size}, {n} images, batch {args.batch_size}, "
-          f"torch threads {threads} (SVDs: one matrix per thread, {threads} threads), best of {args.repeats}")
-    print(f"plain forward (fused attention): {t_plain / n * 1e3:8.1f} ms/image")
-    print(f"forward + attention capture:     {t_recorded / n * 1e3:8.1f} ms/image  ({t_recorded / t_plain:.2f}x plain)")
-    print(f"full analysis:                   {t_analysis / n * 1e3:8.1f} ms/image  ({t_analysis / t_plain:.2f}x plain; target <= 3x)")
+          f"torch threads {threads} (SVDs: one matrix per thread, {threads} threads), "
+          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up")
+    print(f"plain forward (fused attention): {ms['plain']:8.1f} ms/image")
+    print(f"forward + attention capture:     {ms['recorded']:8.1f} ms/image  ({recorded_ratio:.2f}x plain)")
+    print(f"full analysis:                   {ms['analysis']:8.1f} ms/image  ({analysis_ratio:.2f}x plain; target <= 3x)")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,30 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+class StderrLog:
+    """Messages on stderr, and `compress`'s progress (analysis, fine-tuning) as a line every 5%."""
+
+    def __init__(self) -> None:
+        self._shown: tuple[int, int] = (-1, -1)
+
+    def __call__(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        bucket = (total, done * 20 // max(total, 1))
+        if bucket != self._shown and done > 0:
+            self._shown = bucket
+            label, _, info = text.partition(": ")
+            self(f"{label} {done}/{total}" + (f": {info}" if info else ""))
 
 
 def main() -> None:
@@ -59,9 +77,9 @@ def main() -> None:
         settings["lr"] = args.lr
     config = FinetuneConfig(**settings)
     out_root = Path(args.out_root)
-    started = time.perf_counter()
+    started = time.monotonic()
     result = compress(args.model, args.budget, data=args.data, val_split="test", config=config, plan=args.plan, analysis=args.analysis,
-                      out_root=out_root, output=out_root / "model.safetensors", force=True)
+                      out_root=out_root, output=out_root / "model.safetensors", force=True, log=StderrLog())
     report = {
         "model": args.model,
         "data": args.data,
@@ -75,7 +93,7 @@ def main() -> None:
                  "predicted_speedup": result.plan.predicted.get("speedup")},
         "finetune": result.finetune.to_dict() if result.finetune else None,
         "threads": torch.get_num_threads(),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.monotonic() - started,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "output": str(result.output),
     }

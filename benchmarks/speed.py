@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core torch sees)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--no-calibrate", action="store_true", help="plan from FLOPs instead of timing the model's parts")
-    p.add_argument("--plan-batch-size", type=int, default=32, help="batch size the planner calibrates at")
+    p.add_argument("--no-calibrate", action="store_true", help="plan from FLOPs instead of timing the candidates")
+    p.add_argument("--plan-batch-size", type=int, default=32, help="batch size the planner times candidates at")
     p.add_argument("--json", dest="json_path", default=None, help="write every bench result and plan to this JSON file")
     p.add_argument("--out", default=None, help="append the bench rows to this CSV file")
     return p.parse_args(argv)
@@ -60,18 +60,21 @@ def require_pipeline() -> tuple[Any, Any]:
 def convert_all(model: torch.nn.Module, budgets: list[str], args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """{budget: (converted model, plan)} planned for this machine and thread count."""
     make_plan, convert = require_pipeline()
+    from vitcompress.plan import Deployment
+
     out = {}
     for budget in budgets:
-        start = time.perf_counter()
+        start = time.monotonic()  # a wall-clock note on planning, not a measurement (bench measures)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan = make_plan(
-                model, None, budget, calibrate=not args.no_calibrate, batch_size=args.plan_batch_size, threads=threads
+                model, None, budget, measure_speed=not args.no_calibrate,
+                deployment=Deployment(device="cpu", batch_size=args.plan_batch_size, threads=threads),
             )
         for w in caught:
             print(f"  planner warning ({budget}): {w.message}", file=sys.stderr)
         out[budget] = (convert(model, plan).eval(), plan)
-        print(f"  planned {budget} in {time.perf_counter() - start:.1f} s: {describe(plan)}", file=sys.stderr)
+        print(f"  planned {budget} in {time.monotonic() - start:.1f} s: {describe(plan)}", file=sys.stderr)
     return out
 
 
@@ -87,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     from vitcompress.bench import append_csv, bench, parse_batch_sizes
-    from vitcompress.cli.bench import result_table
 
     require_pipeline()  # fail before any work if the planner or converter is missing
     console = Console()
@@ -102,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     import timm
 
     summary = Table(title=f"Training-free conversions on CPU, threads: {threads} (speed-up vs the original: median of per-round ratios, IQR)")
-    columns = ["model", "budget", "plan", "predicted", "GFLOPs", "planner GFLOPs", "params"]
+    columns = ["model", "budget", "plan", "planner", "GFLOPs", "planner GFLOPs", "params"]
     for column in columns + [f"speed-up b{b}" for b in batch_sizes]:
         summary.add_column(column, justify="left" if column in ("model", "plan") else "right")
     dump: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    started = time.monotonic()
     for alias in [m.strip() for m in args.models.split(",") if m.strip()]:
         name = ALIASES.get(alias, alias)
         print(f"{alias}: planning {', '.join(budgets)}", file=sys.stderr)
@@ -117,19 +119,41 @@ def main(argv: list[str] | None = None) -> None:
             models, baseline="original", batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
             repeats=args.repeats, progress=lambda s: print(f"  {s}", file=sys.stderr),
         )
-        table = result_table(result)
-        table.title = f"{alias} at {args.img_size}: {table.title}"
-        console.print(table)
+        console.print(bench_table(result, f"{alias} at {args.img_size}"))
         add_summary_rows(summary, alias, result, variants, batch_sizes)
         dump.append({"model": name, "bench": result.to_dict(), "plans": {b: p.to_dict() for b, (_, p) in variants.items()}})
         if args.out:
             append_csv(renamed(result, alias), args.out)
     console.print(summary)
-    console.print(f"total {time.perf_counter() - started:.0f} s")
+    console.print(f"total {time.monotonic() - started:.0f} s")
     if args.json_path:
         from vitcompress._io import write_json_atomic
 
         write_json_atomic(args.json_path, {"threads": threads, "results": dump})
+
+
+def bench_table(result: Any, title: str) -> Any:
+    """One row per variant and batch size of a `vitcompress.bench` result (the CLI prints a fuller one)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vitcompress.flops import format_flops
+
+    s = result.settings
+    table = Table(title=f"{title}: {s['device_name']} ({s['device']}), threads {s['threads']}, {s['dtype']}",
+                  caption=f"median of {s['repeats']} interleaved timed rounds after {s['warmup']} warm-up; "
+                          "speed-up = median of per-round time ratios (IQR)")
+    for column in ("model", "batch", "ms/img", "spread", "img/s", "speed-up", "params", "FLOPs", "peak mem"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for batch in s["batch_sizes"]:
+        for m in (x for x in result.measurements if x.batch_size == batch):
+            info = result.model(m.model)
+            ms = m.ms_per_image
+            speed = "-" if m.speedup is None else f"{m.speedup:.2f}x ({m.speedup_q25:.2f}-{m.speedup_q75:.2f})"
+            memory = "-" if m.peak_mem_bytes is None else f"{m.peak_mem_bytes / 2**20:.1f} MiB"
+            table.add_row(escape(m.model), str(batch), f"{ms.median:.3f}", f"{ms.q25:.3f}-{ms.q75:.3f}",
+                          f"{m.images_per_s:.1f}", speed, f"{info.params / 1e6:.2f} M", format_flops(info.flops), memory)
+    return table
 
 
 def renamed(result: Any, alias: str) -> Any:
@@ -151,7 +175,12 @@ def add_summary_rows(table: Any, alias: str, result: Any, variants: dict[str, An
     for name in ["original", *variants]:
         info = result.model(name)
         plan = variants[name][1] if name in variants else None
-        predicted = f"{plan.predicted.get('speedup', float('nan')):.2f}x" if plan is not None else "-"
+        predicted = "-"
+        if plan is not None:  # what the planner judged the plan on: its measured speed-up (timing.compare_speed) when timed
+            from vitcompress.plan import plan_speedup
+
+            kind = "measured" if plan.measured.get("speedup") is not None else "predicted"
+            predicted = f"{plan_speedup(plan):.2f}x {kind}"
         planner_flops = f"{plan.predicted['flops'] / 1e9:.2f}" if plan is not None and "flops" in plan.predicted else "-"
         row = [alias, name, describe(plan) if plan is not None else "-", predicted, f"{info.flops / 1e9:.2f}", planner_flops, f"{info.params / 1e6:.1f} M"]
         for b in batch_sizes:

@@ -19,12 +19,15 @@ import argparse
 import torch
 
 from vitcompress.analyze import analyze
+from vitcompress.bench import evaluate_top1
 from vitcompress.convert import convert
+from vitcompress.data import load_train_val
 from vitcompress.export import export, load
-from vitcompress.finetune import FinetuneConfig, evaluate_top1, finetune
+from vitcompress.finetune import FinetuneConfig, finetune
+from vitcompress.geometry import input_size
 from vitcompress.models import load_model
-from vitcompress.pipeline import load_train_val, measure_speedup
 from vitcompress.plan import make_plan
+from vitcompress.timing import compare_speed
 
 
 def main() -> None:
@@ -61,7 +64,7 @@ def main() -> None:
 
     # 6. Measure, export to one file, and reload it with nothing else.
     teacher_top1 = evaluate_top1(teacher, val)
-    speed = measure_speedup(teacher, student.eval(), tuple(spec.data_config["input_size"]))
+    speed = compare_speed(teacher, student.eval(), input_size(student)).to_dict()  # as `compress` measures it
     metadata = {"model": spec.to_dict(), "data_config": spec.data_config, "plan": plan.to_dict(),
                 "teacher_top1": teacher_top1, "student_top1": result.val_top1, "speedup": speed}
     export(student, args.out, metadata, force=True)

@@ -355,6 +355,13 @@ def test_image_data_from_the_data_module():
     assert result.samples == 6 and result.data_source == "demo"
 
 
+def test_progress_is_reported_through_the_callback():
+    calls: list[tuple[int, int, str]] = []
+    analyze(tiny_vit(depth=1), images(10), samples=7, batch_size=3, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 7, "analyzing attention"), (3, 7, "analyzing attention"), (6, 7, "analyzing attention"),
+                     (7, 7, "analyzing attention")]
+
+
 def test_mode_and_fused_attention_are_restored():
     model = tiny_vit(depth=1).train()
     model.blocks[0].attn.fused_attn = True
@@ -370,7 +377,7 @@ def test_input_errors():
         analyze(model, [], progress=False)
     with pytest.raises(VitcompressError, match="--samples must be at least 1"):
         analyze(model, images(2), samples=0, progress=False)
-    with pytest.raises(DataError, match="cannot read images from a batch of type str"):
+    with pytest.raises(DataError, match="cannot read a batch of type str"):
         analyze(model, ["not an image"], progress=False)
     with pytest.raises(VitcompressError, match="NaN or inf"):
         AttentionStats(1, 2).update(torch.full((1, 1, 2, 2), float("nan")))

@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,14 +19,13 @@ from vitcompress.bench import (
     CSV_COLUMNS,
     SCHEMA_VERSION,
     BenchEntry,
-    Stats,
     append_csv,
     bench,
-    interleaved_order,
-    measure_interleaved,
+    evaluate_top1,
     parse_batch_sizes,
-    speedup,
+    predict,
 )
+from vitcompress.data import load_data
 from vitcompress.errors import DataError, VitcompressError
 from vitcompress.flops import count_flops
 
@@ -58,69 +56,13 @@ class Allocator(nn.Module):
         return x.flatten(1)[:, :3] * self.scale + big[0]
 
 
-# ---- statistics ------------------------------------------------------------------------------
-def test_stats_match_numpy() -> None:
-    rng = np.random.default_rng(0)
-    for n in (1, 2, 5, 10, 11):
-        samples = rng.exponential(size=n).tolist()
-        s = Stats.of(samples)
-        assert s.median == pytest.approx(np.median(samples), rel=1e-12)
-        assert s.q25 == pytest.approx(np.percentile(samples, 25), rel=1e-12)
-        assert s.q75 == pytest.approx(np.percentile(samples, 75), rel=1e-12)
-        assert (s.min, s.max, s.n) == (min(samples), max(samples), n)
-        assert s.mean == pytest.approx(np.mean(samples), rel=1e-12)
-    with pytest.raises(ValueError):
-        Stats.of([])
+def test_bench_measures_with_the_one_timer() -> None:
+    """bench's statistics and timer are vitcompress.timing's (re-exported), not copies of them."""
+    from vitcompress import timing
+    from vitcompress.bench import Stats, interleaved_order, measure_interleaved, quantile, speedup
 
-
-def test_speedup_is_the_median_of_paired_ratios() -> None:
-    base = [4.0, 6.0, 5.0, 9.0]
-    fast = [2.0, 2.0, 2.5, 3.0]
-    s = speedup(base, fast)
-    paired = np.array(base) / np.array(fast)  # [2, 3, 2, 3]
-    assert s.median == pytest.approx(np.median(paired)) == 2.5
-    assert (s.q25, s.q75) == (pytest.approx(np.percentile(paired, 25)), pytest.approx(np.percentile(paired, 75)))
-    assert speedup(base, base).median == 1.0
-    with pytest.raises(ValueError):
-        speedup([1.0, 2.0], [1.0])
-
-
-# ---- interleaving, with a fake clock ---------------------------------------------------------
-def test_interleaved_order_rotates_the_first_model() -> None:
-    assert interleaved_order(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
-    assert interleaved_order(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
-    assert interleaved_order(["a"], 2) == [["a"], ["a"]]
-    assert interleaved_order(["a", "b"], 0) == []
-
-
-def test_measure_interleaved_with_a_fake_clock() -> None:
-    now = [0.0]
-    calls: list[str] = []
-    syncs: list[int] = []
-
-    def runner(name: str, cost: float):
-        def run() -> None:
-            calls.append(name)
-            now[0] += cost
-
-        return run
-
-    runners = {"a": runner("a", 3.0), "b": runner("b", 1.0)}
-    samples = measure_interleaved(runners, warmup=2, repeats=4, clock=lambda: now[0], sync=lambda: syncs.append(1))
-    assert calls == ["a", "b", "b", "a"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
-    assert samples == {"a": [3.0] * 4, "b": [1.0] * 4}
-    assert len(syncs) == len(calls)  # synchronised after every call, warm-up included
-    assert speedup(samples["a"], samples["b"]).median == 3.0
-
-
-def test_sync_is_inside_the_timed_span() -> None:
-    now = [0.0]
-
-    def sync() -> None:
-        now[0] += 0.5  # e.g. waiting for queued GPU kernels
-
-    samples = measure_interleaved({"a": lambda: None}, warmup=0, repeats=3, clock=lambda: now[0], sync=sync)
-    assert samples == {"a": [0.5, 0.5, 0.5]}
+    assert (Stats, interleaved_order, measure_interleaved, quantile, speedup) == (
+        timing.Stats, timing.interleaved_order, timing.measure_interleaved, timing.quantile, timing.speedup)
 
 
 # ---- bench end to end ------------------------------------------------------------------------
@@ -213,6 +155,36 @@ def test_cpu_peak_memory_sees_a_known_allocation() -> None:
     assert result.settings["memory_method"].startswith("rss-hwm")
     assert m.peak_extra_bytes >= 0.95 * nbytes
     assert m.peak_mem_bytes == m.peak_extra_bytes + result.model("alloc").weights_bytes
+
+
+# ---- the one evaluator ----------------------------------------------------------------------
+DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+               "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def test_evaluate_top1_matches_the_predictions() -> None:
+    model = tiny_vit(num_classes=10).train()
+    data = load_data("demo", split="test", data_config=DATA_CONFIG, limit=20)
+    preds, labels = predict({"m": model}, data, batch_size=7, num_workers=0)
+    assert model.training, "the model's mode is restored"
+    assert preds["m"].shape == labels.shape == (20,)
+    expected = float((preds["m"] == labels).float().mean())
+    assert evaluate_top1(model, data, batch_size=7, num_workers=0) == pytest.approx(expected)
+    assert evaluate_top1(model, data, batch_size=5, num_workers=0, limit=10) == pytest.approx(
+        float((preds["m"][:10] == labels[:10]).float().mean()))
+    assert model.training
+
+
+def test_evaluate_top1_on_batches_and_without_labels() -> None:
+    model = tiny_vit()
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        classes = model(images).argmax(-1)
+    labels = classes.clone()
+    labels[:2] = (labels[:2] + 1) % 5  # two wrong
+    labels[5] = -1  # unknown: not scored
+    assert evaluate_top1(model, [(images[:3], labels[:3]), (images[3:], labels[3:])]) == pytest.approx(3 / 5)
+    assert evaluate_top1(model, [images]) is None  # image tensors alone carry no labels
 
 
 # ---- errors ----------------------------------------------------------------------------------

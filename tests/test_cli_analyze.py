@@ -88,3 +88,11 @@ def test_default_out_dir_is_a_safe_folder_name() -> None:
     assert default_out_dir("deit_small") == Path("vitcompress-out/deit_small")
     assert default_out_dir("local-dir:/work/models/cifar10-vit12-d96/") == Path("vitcompress-out/cifar10-vit12-d96")
     assert default_out_dir("hf-hub:timm/deit_small_patch16_224.fb_in1k") == Path("vitcompress-out/timm_deit_small_patch16_224.fb_in1k")
+
+
+def test_threshold_defaults_are_the_librarys() -> None:
+    """The CLI spells the defaults itself (its --help imports no torch); they must be analyze's."""
+    from vitcompress.analyze import Thresholds
+    from vitcompress.cli.analyze import DEFAULT_REDUCE_RANK90, DEFAULT_STATIC_SIMILARITY
+
+    assert (DEFAULT_STATIC_SIMILARITY, DEFAULT_REDUCE_RANK90) == (Thresholds().static_similarity, Thresholds().reduce_rank90)

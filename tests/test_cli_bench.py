@@ -140,3 +140,11 @@ def test_file_errors(tmp_path: Path, tiny_dirs: tuple[str, str], exported: Path)
 def test_cuda_without_gpu(tiny_dirs: tuple[str, str]) -> None:
     result = runner.invoke(app, ["bench", tiny_dirs[0], "--random-init", "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
+
+
+def test_round_defaults_are_the_librarys() -> None:
+    """The CLI spells the defaults itself (its --help imports no torch); they must be bench's."""
+    import vitcompress.cli.bench as cli_bench
+    from vitcompress.bench import DEFAULT_REPEATS, DEFAULT_WARMUP
+
+    assert (cli_bench.DEFAULT_WARMUP, cli_bench.DEFAULT_REPEATS) == (DEFAULT_WARMUP, DEFAULT_REPEATS)

@@ -9,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcompress.data import collate_skipping, load_data, make_loader, to_rgb
+from vitcompress.data import (
+    collate_skipping,
+    hold_out,
+    iter_batches,
+    load_data,
+    load_train_val,
+    make_loader,
+    random_subset,
+    to_rgb,
+    train_val_split,
+)
 from vitcompress.errors import DataError
 
 CFG = {"input_size": [3, 16, 16], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"}
@@ -184,3 +194,85 @@ def test_transform_follows_data_config() -> None:
 def test_collate_all_broken_batch() -> None:
     images, labels, skipped = collate_skipping([(None, 1), (None, 2)])
     assert images.numel() == 0 and labels.numel() == 0 and skipped == 2
+
+
+# ---- splits, hold-outs, subsets --------------------------------------------------------------
+def quiet(message: str) -> None:
+    pass
+
+
+def test_train_and_test_splits_of_demo() -> None:
+    train, val = load_train_val("demo", CFG, log=quiet)
+    assert (train.split, val.split) == ("train", "test")
+    with pytest.raises(DataError, match="training split"):
+        load_train_val("demo", CFG, val_split="train", log=quiet)
+
+
+def test_single_split_folder_holds_out_a_fixed_part(tmp_path: Path) -> None:
+    _write_class_folders(tmp_path, {"cat": 10, "dog": 10})
+    messages: list[str] = []
+    train, val = load_train_val(str(tmp_path), CFG, log=messages.append)
+    assert (len(train), len(val)) == (18, 2)
+    assert (train.split, val.split) == ("all[holdout-rest]", "all[holdout]")
+    assert set(train.dataset.indices).isdisjoint(val.dataset.indices)
+    again, _ = load_train_val(str(tmp_path), CFG, log=quiet)
+    assert again.dataset.indices == train.dataset.indices
+    assert any("holding out 2" in m for m in messages)
+    with pytest.raises(DataError, match="too few"):
+        hold_out(random_subset(train, 1), quiet)
+
+
+def test_train_val_split_is_a_fixed_slice_of_the_training_split() -> None:
+    train = load_data("demo", split="train", data_config=CFG, limit=40)
+    part, val = train_val_split(train, 0.25)
+    assert (len(part), len(val)) == (30, 10)
+    assert (part.split, val.split) == ("train[train-part]", "train[val-part]")
+    assert sorted(part.dataset.indices + val.dataset.indices) == list(range(40))
+    assert part.dataset.indices == sorted(part.dataset.indices)  # original order kept
+    assert train_val_split(train, 0.25)[1].dataset.indices == val.dataset.indices  # same seed, same slice
+    assert train_val_split(train, 0.25, seed=1)[1].dataset.indices != val.dataset.indices
+    assert len(train_val_split(train, 7)[1]) == 7  # a count works too
+    for bad in (0.0, 1.0, 0, 40):
+        with pytest.raises(DataError):
+            train_val_split(train, bad)
+
+
+def test_random_subset() -> None:
+    data = load_data("demo", split="test", data_config=CFG)
+    subset = random_subset(data, 12)
+    assert len(subset) == 12 and subset.dataset.indices == sorted(subset.dataset.indices)
+    assert random_subset(data, 12).dataset.indices == subset.dataset.indices
+    assert random_subset(data, len(data) + 1) is data
+
+
+# ---- the one batch iterator ------------------------------------------------------------------
+def test_iter_batches_reads_every_kind_of_data() -> None:
+    x = torch.randn(5, 3, 16, 16)
+    labels = torch.arange(5)
+    batches = list(iter_batches(x, 2))
+    assert [b.shape[0] for b, _ in batches] == [2, 2, 1] and all((lab == -1).all() for _, lab in batches)
+    (one, lab), = iter_batches(x[0], 2)
+    assert one.shape == (1, 3, 16, 16) and lab.tolist() == [-1]
+    pairs = list(iter_batches([(x[:3], labels[:3]), (x[3:], [3, 4])]))
+    assert torch.equal(torch.cat([lab for _, lab in pairs]), labels)
+    images_only = list(iter_batches([x[:2], x[2]]))
+    assert [b.shape[0] for b, _ in images_only] == [2, 1]
+    empty = [(torch.empty(0), torch.empty(0, dtype=torch.long)), (x[:1], None)]
+    kept = list(iter_batches(empty))
+    assert len(kept) == 1 and kept[0][1].tolist() == [-1]
+    with pytest.raises(DataError, match="cannot read a batch of type str"):
+        list(iter_batches(["not an image"]))
+
+
+def test_iter_batches_of_image_data(tmp_path: Path) -> None:
+    _write_class_folders(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    data = load_data(str(tmp_path), data_config=CFG)
+    batches = list(iter_batches(data, 4, num_workers=0))
+    assert sum(len(lab) for _, lab in batches) == 6 and data.skipped == 1
+    picked = list(iter_batches(data, 4, num_workers=0, indices=[5, 0]))
+    assert torch.cat([lab for _, lab in picked]).tolist() == [1, 0]
+    loader = make_loader(data, 3, num_workers=0)
+    assert sum(len(lab) for _, lab in iter_batches(loader)) == 6  # a DataLoader's (images, labels, skipped)
+    with pytest.raises(DataError, match="needs an ImageData"):
+        list(iter_batches([torch.randn(1, 3, 16, 16)], indices=[0]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitcompress.bench import evaluate_top1
 from vitcompress.convert import convert, static_attention_modules
 from vitcompress.data import load_data
 from vitcompress.errors import CheckpointFormatError, VitcompressError
@@ -18,7 +19,6 @@ from vitcompress.finetune import (
     augment_batch,
     checkpoint_path,
     epoch_permutation,
-    evaluate_top1,
     feature_loss,
     finetune,
     kd_loss,
@@ -180,7 +180,14 @@ def test_attention_guidance_pulls_static_attention_to_teacher() -> None:
 def test_result_and_history() -> None:
     teacher, student = make_pair()
     train, val = digits("train", 48), digits("test", 20)
-    result = finetune(student, teacher, train, val, quick_config(steps=8, batch_size=8, accum_steps=2), log=quiet)
+    steps: list[tuple[int, int, str]] = []
+    messages: list[str] = []
+    result = finetune(student, teacher, train, val, quick_config(steps=8, batch_size=8, accum_steps=2, progress=True),
+                      log=messages.append, progress=lambda done, total, text: steps.append((done, total, text)))
+    # progress: once at the start, then after every optimizer step; epoch summaries go to the log
+    assert [(done, total) for done, total, _ in steps] == [(i, 8) for i in range(9)]
+    assert steps[0][2] == "epoch 1" and steps[-1][2].startswith("epoch 3: loss ") and "img/s" in steps[-1][2]
+    assert sum(m.startswith("epoch ") for m in messages) == 3
     assert result.steps == 8 and result.steps_per_epoch == 3 and result.global_batch == 16
     assert [h["epoch"] for h in result.history] == [1, 2, 3]  # 3 + 3 + 2 steps
     assert len(result.step_losses) == 8 and all(math.isfinite(v) for v in result.step_losses)

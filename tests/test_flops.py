@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import TINY, tiny_vit
 from vitcompress.errors import VitcompressError
-from vitcompress.flops import _count_for_real, _count_on_meta, count_flops, count_macs, format_flops, model_input_size
+from vitcompress.flops import _count_for_real, _count_on_meta, count_flops, count_macs, format_flops
 from vitcompress.plan import Plan, Reduction
 
 
@@ -108,8 +108,8 @@ def test_converted_model_counts_static_attention_and_aggregation() -> None:
 
 def test_flops_scale_with_batch_and_follow_input_size() -> None:
     model = tiny_vit()
-    assert model_input_size(model) == (3, TINY["img_size"], TINY["img_size"])
-    one = count_flops(model)
+    one = count_flops(model)  # at the model's own input size (geometry.input_size)
+    assert count_flops(model, (1, 3, TINY["img_size"], TINY["img_size"])) == one
     assert count_flops(model, (3, 3, 32, 32)) == 3 * one
     assert count_flops(model, (3, 32, 32)) == one  # (C, H, W) means batch 1
 

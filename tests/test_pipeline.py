@@ -1,14 +1,17 @@
-"""The chained pipeline: output folders, finding the latest analysis, data splits, compress end to end."""
+"""The chained pipeline: finding the latest analysis and run, compress end to end.
+
+(Splits and hold-outs are tested in test_data.py, output folder names in test_names.py, the
+speed-up measurement in test_timing.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from timm.models import save_for_hf
 
 from vitcompress.analyze import analyze, save_analysis
@@ -22,12 +25,10 @@ from vitcompress.pipeline import (
     continue_finetune,
     find_latest_analysis,
     find_latest_workdir,
-    load_train_val,
-    measure_speedup,
-    model_slug,
     output_dir_for,
 )
 from vitcompress.plan import Plan, Reduction
+from vitcompress.timing import SpeedComparison
 
 from conftest import TINY, tiny_vit
 
@@ -63,13 +64,6 @@ def quick(**overrides: object) -> FinetuneConfig:
 
 
 # ---- folders ---------------------------------------------------------------------------------
-def test_model_slug() -> None:
-    assert model_slug("deit_small") == "deit_small"
-    assert model_slug("local-dir:/work/models/cifar10-vit12-d96/") == "cifar10-vit12-d96"
-    assert model_slug("hf-hub:timm/vit_base_patch16_224.augreg_in21k") == "timm_vit_base_patch16_224.augreg_in21k"
-    assert output_dir_for("demo", "out") == Path("out/demo")
-
-
 def test_data_source_recorded_by_analyze() -> None:
     from vitcompress.pipeline import _source_of
 
@@ -127,40 +121,6 @@ def test_a_named_model_needs_data(tmp_path: Path) -> None:
         _resolve_inputs("deit_small", None, None, None, tmp_path, quiet)
 
 
-# ---- data splits -----------------------------------------------------------------------------
-def test_train_and_test_splits_of_demo() -> None:
-    train, val = load_train_val("demo", DATA_CONFIG, log=quiet)
-    assert (train.split, val.split) == ("train", "test")
-    with pytest.raises(DataError, match="training split"):
-        load_train_val("demo", DATA_CONFIG, val_split="train", log=quiet)
-
-
-def test_single_split_folder_holds_out_a_fixed_part(tmp_path: Path) -> None:
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(10):
-            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / cls / f"{i}.png")
-    messages: list[str] = []
-    train, val = load_train_val(str(tmp_path), DATA_CONFIG, log=messages.append)
-    assert (len(train), len(val)) == (18, 2)
-    assert set(train.dataset.indices).isdisjoint(val.dataset.indices)
-    again, _ = load_train_val(str(tmp_path), DATA_CONFIG, log=quiet)
-    assert again.dataset.indices == train.dataset.indices
-    assert any("holding out 2" in m for m in messages)
-
-
-def test_measure_speedup_reports_its_conditions() -> None:
-    teacher = tiny_vit(num_classes=10)
-    from vitcompress.convert import convert
-
-    result = measure_speedup(teacher, convert(teacher, PLAN), (3, 32, 32), batch_size=2, rounds=5)
-    assert result["teacher_ms"] > 0 and result["student_ms"] > 0
-    assert result["speedup_q25"] <= result["speedup"] <= result["speedup_q75"]
-    assert result["threads"] == 1 and result["device"] == "cpu" and result["batch_size"] == 2 and result["rounds"] == 5
-    timed = measure_speedup(teacher, convert(teacher, PLAN), (3, 32, 32), batch_size=2, seconds=0.0)
-    assert timed["rounds"] == 10  # the minimum when the time budget is spent
-
-
 # ---- end to end ------------------------------------------------------------------------------
 def test_compress_end_to_end(tmp_path: Path, tiny_model_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -178,6 +138,9 @@ def test_compress_end_to_end(tmp_path: Path, tiny_model_id: str, monkeypatch: py
     assert meta["plan"] == PLAN.to_dict() and meta["model"]["model_id"] == tiny_model_id
     assert meta["teacher_top1"] == result.teacher_top1 and meta["student_top1"] == result.student_top1
     assert meta["speedup"]["speedup"] == result.speedup["speedup"] > 0
+    # the one measurement: timing.compare_speed's SpeedComparison, as a dict
+    assert set(meta["speedup"]) == {f.name for f in dataclasses.fields(SpeedComparison)}
+    assert meta["speedup"]["speedup_q25"] <= meta["speedup"]["speedup"] <= meta["speedup"]["speedup_q75"]
     assert meta["finetune"]["steps"] == 3
 
     loaded = load(result.output)
@@ -213,14 +176,30 @@ def test_compress_resume_reuses_the_runs_plan(tmp_path: Path, tiny_model_id: str
     out_root = tmp_path / "out"
     first = compress(tiny_model_id, plan=PLAN, data="demo", config=quick(), out_root=out_root,
                      measure_speed=False, log=quiet)
-    messages: list[str] = []
     other_plan = Plan(static_layers=[0], reductions=[], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
-    resumed = compress(tiny_model_id, plan=other_plan, data="demo", config=quick(steps=4, resume=True),
-                       out_root=out_root, output=tmp_path / "resumed.safetensors", measure_speed=False,
-                       log=messages.append)
+    log = Recorder()
+    resumed = compress(tiny_model_id, plan=other_plan, data="demo", config=quick(steps=4, resume=True, progress=True),
+                       out_root=out_root, output=tmp_path / "resumed.safetensors", measure_speed=False, log=log)
     assert resumed.plan.to_dict() == first.plan.to_dict()  # the checkpoint's architecture, not the new plan
     assert resumed.finetune is not None and resumed.finetune.resumed_from == 3 and resumed.finetune.steps == 4
-    assert any("--resume" in m for m in messages)
+    assert any("--resume" in m for m in log.messages)
+    # the log's progress method follows the fine-tuning: from the resumed step to the last
+    assert [(done, total) for done, total, _ in log.steps] == [(3, 4), (4, 4)]
+    assert log.steps[-1][2].startswith("epoch ")
+
+
+class Recorder:
+    """A log with a progress method, as the CLI's ``note`` is."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.steps: list[tuple[int, int, str]] = []
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        self.steps.append((done, total, text))
 
 
 def test_corrupt_run_file_is_a_one_line_error(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,22 +49,3 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-OUTPUT_ROOT = Path("vitcompress-out")
-
-
-def model_slug(model_id: str) -> str:
-    """A folder name for a model id: ``deit_small``, ``org_name`` (hf-hub), the folder's name
-    (local-dir)."""
-    name = model_id.strip()
-    if name.startswith("local-dir:"):
-        name = Path(name[len("local-dir:") :].rstrip("/")).name
-    elif name.startswith("hf-hub:"):
-        name = name[len("hf-hub:") :]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
-def output_dir_for(model_id: str, root: str | os.PathLike = OUTPUT_ROOT) -> Path:
-    """``<root>/<model slug>``: where every stage writes for this model, so stages find each other."""
-    return Path(root) / model_slug(model_id)

@@ -23,19 +23,22 @@ Likewise sum_i KL(a_i || m) = S H(m) - sum_i H(a_i) per row needs only the summe
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from vitcompress._io import atomic_path, read_json, write_json_atomic
+from vitcompress.data import iter_batches
 from vitcompress.errors import DataError, UnsupportedModelError, VitcompressError
+from vitcompress.geometry import vit_geometry
+from vitcompress.names import ANALYSIS_JSON as JSON_NAME
+from vitcompress.names import MEANS_FILE as MEANS_NAME
+from vitcompress.names import PLOT_FILE as PLOT_NAME
 
 SCHEMA = "vitcompress.analysis"
 ANALYSIS_VERSION = 1
@@ -50,9 +53,9 @@ RANK_DESCRIPTION = (
     "singular values (Roy & Vetterli 2007); each averaged over images; *_norm = divided by N"
 )
 ENERGY_LEVELS = (0.90, 0.99)
-JSON_NAME = "analysis.json"
-MEANS_NAME = "attention_means.safetensors"
-PLOT_NAME = "analysis.png"
+PROGRESS_LABEL = "analyzing attention"
+
+Progress = Callable[[int, int, str], None]  # (images done, images in all, text)
 
 STATIC, REDUCE, KEEP = "static", "reduce", "keep"
 RECOMMENDATION_TEXT = {
@@ -504,30 +507,37 @@ def analyze(
     data_source: str = "",
     thresholds: Thresholds | None = None,
     num_workers: int | None = None,
-    progress: bool = True,
+    progress: Union[Progress, bool, None] = None,
 ) -> Analysis:
     """Measure attention similarity and rank of every block over ``samples`` images.
 
     ``data``: a ``vitcompress.data.ImageData`` (batched with ``batch_size``), a DataLoader or any
     iterable of ``(images, labels)`` batches or of image tensors [B, 3, H, W] (used as batched),
-    or one image tensor. Uses at most ``samples`` images; the model runs in eval mode, on its own
-    device, and is returned to its previous mode.
+    or one image tensor (see ``vitcompress.data.iter_batches``). Uses at most ``samples`` images;
+    the model runs in eval mode, on its own device, and is returned to its previous mode.
+    ``progress(done, total, "analyzing attention")`` is called once before the first batch and
+    after every batch (images done / to do); without it (or with a bool) nothing is reported.
     """
     if samples < 1:
         raise VitcompressError(f"--samples must be at least 1, got {samples}")
-    geometry = _geometry(model)
+    geometry = vit_geometry(model)
+    report = progress if callable(progress) and not isinstance(progress, bool) else None
     stats: dict[int, AttentionStats] = {}
     recorder = AttentionRecorder(model, keep=False, callback=lambda i, p: stats[i].update(p))  # validates blocks
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
-        stats[i] = AttentionStats(int(block.attn.num_heads), geometry["num_tokens"], device)
+        stats[i] = AttentionStats(int(block.attn.num_heads), geometry.num_tokens, device)
 
     was_training = model.training
     model.eval()
     try:
         total = min(samples, _length(data) or samples)
-        with _progress(total, progress) as advance, recorder, torch.inference_mode():
-            seen = _feed(model, _image_batches(data, batch_size, num_workers), samples, advance)
+        if report is not None:
+            report(0, total, PROGRESS_LABEL)
+        advance = (lambda seen: report(seen, total, PROGRESS_LABEL)) if report is not None else (lambda seen: None)
+        with recorder, torch.inference_mode():
+            batches = (images for images, _ in iter_batches(data, batch_size, num_workers))
+            seen = _feed(model, batches, samples, advance)
     finally:
         model.train(was_training)
     if seen == 0:
@@ -540,14 +550,16 @@ def analyze(
         num_heads=int(model.blocks[0].attn.num_heads),
         layers=layers,
         attention_means={i: s.mean_map() for i, s in stats.items()},
-        **geometry,
+        num_tokens=geometry.num_tokens,
+        num_prefix_tokens=geometry.num_prefix_tokens,
+        grid=geometry.grid,
     )
     analysis.apply_thresholds(thresholds or Thresholds())
     return analysis
 
 
 def _feed(model: nn.Module, batches: Iterable[Tensor], samples: int, advance: Callable[[int], None]) -> int:
-    """Run the model on up to ``samples`` images; return how many it saw."""
+    """Run the model on up to ``samples`` images; return how many it saw (``advance(seen)`` after each batch)."""
     param = next(model.parameters())
     seen = 0
     for images in batches:
@@ -555,7 +567,7 @@ def _feed(model: nn.Module, batches: Iterable[Tensor], samples: int, advance: Ca
         _check_images(model, images)
         model(images.to(device=param.device, dtype=param.dtype))
         seen += int(images.shape[0])
-        advance(int(images.shape[0]))
+        advance(seen)
         if seen >= samples:
             break
     return seen
@@ -572,16 +584,6 @@ def _layer_analysis(index: int, stats: AttentionStats) -> LayerAnalysis:
         rank99=r["rank99"].tolist(),
         effective_rank=r["effective_rank"].tolist(),
     )
-
-
-def _geometry(model: nn.Module) -> dict[str, Any]:
-    blocks = getattr(model, "blocks", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    if blocks is None or len(blocks) == 0 or getattr(patch_embed, "grid_size", None) is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer with a fixed patch grid")
-    grid = tuple(int(g) for g in patch_embed.grid_size)
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    return {"num_tokens": prefix + grid[0] * grid[1], "num_prefix_tokens": prefix, "grid": (grid[0], grid[1])}
 
 
 def _check_images(model: nn.Module, images: Tensor) -> None:
@@ -603,58 +605,6 @@ def _length(data: Any) -> int | None:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-def _image_batches(data: Any, batch_size: int, num_workers: int | None) -> Iterator[Tensor]:
-    """Image tensors [B, C, H, W] from any of the inputs ``analyze`` accepts."""
-    if isinstance(data, Tensor):
-        batch = data if data.dim() == 4 else data.unsqueeze(0)
-        yield from batch.split(batch_size)
-        return
-    if hasattr(data, "batches") and hasattr(data, "dataset"):  # vitcompress.data.ImageData
-        from vitcompress.data import make_loader
-
-        loader = make_loader(data, batch_size, num_workers=num_workers)
-        for images, _ in data.batches(loader):
-            yield images
-        return
-    for item in data:
-        if isinstance(item, Tensor):
-            yield item if item.dim() == 4 else item.unsqueeze(0)
-        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
-            yield item[0]
-        else:
-            raise DataError(f"cannot read images from a batch of type {type(item).__name__}: expected (images, labels) or an image tensor")
-
-
-@contextlib.contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr showing images/s; yields a function to advance it."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("analyzing attention"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    start = time.perf_counter()
-    with bar:
-        task = bar.add_task("analyze", total=total, rate="")
-
-        def advance(n: int) -> None:
-            done = bar.tasks[0].completed + n
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:.1f} images/s")
-
-        yield advance
 
 
 # ---- files ----------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 How it measures (the README's "How bench measures" says the same for users):
 
 * Each model gets a fixed random input of its own size at each batch size. Only ``model(x)`` is
-  timed (``time.perf_counter``, ``torch.inference_mode``, ``torch.cuda.synchronize`` on GPU after
-  every call); no data loading, no host-device copies.
-* The models run interleaved: warm-up rounds, then ``repeats`` timed rounds, each round running
-  every model once, with the starting model rotated each round (A B, B A, A B, ...), so that
-  machine drift and order effects hit all models alike. The garbage collector is paused while
-  timing.
+  timed (``torch.inference_mode``, ``torch.cuda.synchronize`` on GPU after every call); no data
+  loading, no host-device copies.
+* The timing is ``vitcompress.timing``'s, the one timer every "measured" figure of vitcompress
+  comes from: warm-up rounds, then ``repeats`` timed rounds, each round running every model once,
+  with the starting model rotated each round (A B, B A, A B, ...), so that machine drift and order
+  effects hit all models alike. The garbage collector is paused while timing.
 * Per model and batch size: ms per image (median, quartiles, min, max over the timed rounds),
   images/s (batch / median batch time), and the speed-up against the baseline: the median over
   rounds of (baseline time / model time) within the same round, with the quartiles of those
@@ -23,7 +23,12 @@ How it measures (the README's "How bench measures" says the same for users):
   Elsewhere than Linux it is not measured (``null``).
 * FLOPs per image come from ``vitcompress.flops.count_flops`` (batch 1, attention included).
 * With ``data``, every model classifies the same images (not timed): top-1 (when labels are
-  known) and agreement = the share of images where its top class equals the baseline's.
+  known) and agreement = the share of images where its top class equals the baseline's. The
+  prediction loop is ``predict``, the same one ``evaluate_top1`` (fine-tuning, ``compress``) uses.
+
+``entries_for`` builds the entries ``vitcompress bench`` measures from model names and exported
+files (a compressed file is compared with its original, rebuilt from the file's metadata), and
+``attach_data`` gives each entry the images preprocessed for it.
 
 ``BenchResult.to_dict()`` schema (``schema_version`` 1)::
 
@@ -49,9 +54,9 @@ import ctypes.util
 import datetime as _dt
 import gc
 import io
+import json
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -59,8 +64,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from vitcompress.errors import DataError, VitcompressError
-from vitcompress.flops import count_flops, model_input_size
+from vitcompress.data import ImageData, iter_batches
+from vitcompress.distributed import all_reduce_sum, autocast, default_device, dist_info, rank_shard, reduce_device
+from vitcompress.errors import DataError, ModelLoadError, VitcompressError
+from vitcompress.flops import count_flops
+from vitcompress.geometry import input_size as geometry_input_size
+from vitcompress.timing import Stats, device_sync, gc_paused, interleaved_order, measure_interleaved, quantile, speedup, torch_threads
 
 SCHEMA_VERSION = 1
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,8 +77,7 @@ DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 10
 MEMORY_PROBES = 3  # memory is the max over this many calls: allocator noise only lowers a single reading
 EVAL_BATCH_SIZE = 64
-
-Clock = Callable[[], float]
+Log = Callable[[str], None]
 
 
 # ---- argument checking -----------------------------------------------------------------------
@@ -139,107 +147,6 @@ def check_dtype_supported(device: torch.device, dtype: torch.dtype) -> None:
     except (RuntimeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitcompressError(f"--dtype {name} is not supported on {device.type} by this torch ({first}): use float32") from None
-
-
-# ---- statistics ------------------------------------------------------------------------------
-@dataclass
-class Stats:
-    """Summary of timing samples (any unit): median, quartiles (linear interpolation), range."""
-
-    median: float
-    q25: float
-    q75: float
-    min: float
-    max: float
-    mean: float
-    n: int
-
-    @classmethod
-    def of(cls, samples: Sequence[float]) -> "Stats":
-        if not samples:
-            raise ValueError("no samples")
-        s = sorted(float(v) for v in samples)
-        return cls(
-            median=quantile(s, 0.5),
-            q25=quantile(s, 0.25),
-            q75=quantile(s, 0.75),
-            min=s[0],
-            max=s[-1],
-            mean=sum(s) / len(s),
-            n=len(s),
-        )
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of already sorted values, interpolating linearly (numpy's default)."""
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def speedup(baseline_seconds: Sequence[float], seconds: Sequence[float]) -> Stats:
-    """Statistics of the per-round ratios baseline time / model time (median = the speed-up).
-
-    The samples must come from the same interleaved rounds (``baseline_seconds[r]`` and
-    ``seconds[r]`` ran back to back): pairing them cancels drift slower than one round.
-    """
-    if len(baseline_seconds) != len(seconds) or not seconds:
-        raise ValueError("speed-up needs paired samples from the same rounds")
-    return Stats.of([b / t for b, t in zip(baseline_seconds, seconds)])
-
-
-# ---- the measurement core --------------------------------------------------------------------
-def interleaved_order(names: Sequence[str], rounds: int) -> list[list[str]]:
-    """Run order of each round: every name once, the starting one rotated each round."""
-    n = len(names)
-    return [[names[(r + k) % n] for k in range(n)] for r in range(rounds)]
-
-
-def measure_interleaved(
-    runners: Mapping[str, Callable[[], Any]],
-    *,
-    warmup: int,
-    repeats: int,
-    clock: Clock = time.perf_counter,
-    sync: Optional[Callable[[], None]] = None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each runner over ``repeats`` interleaved rounds, after ``warmup`` rounds.
-
-    ``sync`` runs after every call, inside the timed span (``torch.cuda.synchronize`` on GPU, so
-    that queued kernels are counted). Returns ``{name: [seconds of round 0, round 1, ...]}``.
-    """
-    names = list(runners)
-    for order in interleaved_order(names, warmup):
-        for name in order:
-            runners[name]()
-            if sync is not None:
-                sync()
-    samples: dict[str, list[float]] = {name: [0.0] * repeats for name in names}
-    with gc_paused():  # a collection in the middle of one call would be charged to that model alone
-        for r, order in enumerate(interleaved_order(names, repeats)):
-            for name in order:
-                start = clock()
-                runners[name]()
-                if sync is not None:
-                    sync()
-                samples[name][r] = clock() - start
-    return samples
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside the block (reference counting still frees)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -319,7 +226,7 @@ def _memory_probe(device: torch.device) -> Optional[Union[_RssProbe, _CudaProbe]
 class BenchEntry:
     """One model to measure.
 
-    ``input_size`` (C, H, W) defaults to what ``flops.model_input_size`` finds; ``data`` overrides
+    ``input_size`` (C, H, W) defaults to what ``geometry.input_size`` finds; ``data`` overrides
     ``bench(data=...)`` for this model (e.g. the same images preprocessed for another input size);
     ``info`` is copied into the JSON as is (where the model came from, its weights, ...).
     """
@@ -449,6 +356,7 @@ def bench(
     warmup: int = DEFAULT_WARMUP,
     repeats: int = DEFAULT_REPEATS,
     data: Any = None,
+    num_workers: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BenchResult:
     """Measure ``models`` side by side; see the module docstring for the method and the result.
@@ -467,11 +375,12 @@ def bench(
         channels_last: channels-last inputs and conv weights (the patch embedding).
         data: images for top-1/agreement: a ``vitcompress.data.ImageData``, a DataLoader or any
             re-iterable of ``(images, labels)`` batches (labels < 0 mean unknown).
+        num_workers: DataLoader worker processes for ``ImageData`` (default: up to 4).
         progress: called with short status lines (the CLI prints them on stderr).
 
     Raises VitcompressError for arguments that cannot work here (unknown dtype, no GPU, ...).
     """
-    entries = _entries(models)
+    entries = _checked_entries(models)
     names = [e.name for e in entries]
     if baseline is None and len(entries) > 1:
         baseline = names[0]
@@ -487,13 +396,13 @@ def bench(
     check_dtype_supported(dev, dt)
     say = progress or (lambda message: None)
 
-    with _num_threads(threads):
+    with torch_threads(threads):
         prepared = {e.name: _prepare(e.model, dev, dt, channels_last) for e in entries}
-        input_sizes = {e.name: e.input_size or model_input_size(e.model) for e in entries}
+        input_sizes = {e.name: e.input_size or geometry_input_size(e.model) for e in entries}
         say("counting FLOPs")
         results = [_guarded(e.name, _model_result, e, prepared[e.name], input_sizes[e.name]) for e in entries]
         runnable = {name: _maybe_compile(m, name, compile) for name, m in prepared.items()}
-        run = _Run(dev, dt, channels_last, warmup, repeats, baseline, _memory_probe(dev), compile, say)
+        run = _Run(dev, dt, channels_last, warmup, repeats, baseline, _memory_probe(dev), compile, say, num_workers)
         if data is not None or any(e.data is not None for e in entries):
             say("evaluating on the data")  # before timing, so that a data problem shows at once
             _evaluate(entries, prepared, input_sizes, data, run, results)
@@ -516,7 +425,7 @@ def bench(
     return BenchResult(settings, _environment(), baseline, results, measurements)
 
 
-def _entries(models: Union[Mapping[str, nn.Module], Sequence[BenchEntry]]) -> list[BenchEntry]:
+def _checked_entries(models: Union[Mapping[str, nn.Module], Sequence[BenchEntry]]) -> list[BenchEntry]:
     if isinstance(models, Mapping):
         entries = [BenchEntry(str(k), v) for k, v in models.items()]
     else:
@@ -530,17 +439,6 @@ def _entries(models: Union[Mapping[str, nn.Module], Sequence[BenchEntry]]) -> li
         if not isinstance(e.model, nn.Module):
             raise VitcompressError(f"model {e.name!r} is a {type(e.model).__name__}, not a torch nn.Module")
     return entries
-
-
-@contextlib.contextmanager
-def _num_threads(threads: Optional[int]) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -602,6 +500,7 @@ class _Run:
     probe: Optional[Union[_RssProbe, _CudaProbe]]
     compiled: bool
     say: Callable[[str], None]
+    num_workers: Optional[int] = None
 
 
 def _measure_batch(
@@ -613,7 +512,7 @@ def _measure_batch(
 ) -> list[Measurement]:
     inputs = {name: _input(batch, input_sizes[name], run) for name in runnable}
     runners = {name: _runner(runnable[name], inputs[name], name) for name in runnable}
-    sync = (lambda: torch.cuda.synchronize(run.device)) if run.device.type == "cuda" else None
+    sync = device_sync(run.device)
     run.say(f"batch {batch}: {run.warmup} warm-up + {run.repeats} timed rounds of {len(runners)} model(s)")
     hint = "; torch.compile may be the cause: try without --compile" if run.compiled else ""
     with torch.inference_mode():
@@ -681,6 +580,88 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---- accuracy --------------------------------------------------------------------------------
+def predict(
+    models: Mapping[str, nn.Module],
+    data: Any,
+    *,
+    batch_size: int = EVAL_BATCH_SIZE,
+    num_workers: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
+    to_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    input_sizes: Optional[Mapping[str, Sequence[int]]] = None,
+    amp: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The top class of every model for the same images, in one pass over ``data``.
+
+    ``data``: anything ``vitcompress.data.iter_batches`` reads (``indices`` picks images of an
+    ``ImageData``). ``to_input`` moves a batch to the models (default: the first model's device).
+    With ``input_sizes`` ({name: (C, H, W)}) images of another size are a DataError. ``amp``:
+    bf16 autocast on CUDA. Returns ``({name: classes [n]}, labels [n])``, labels -1 where unknown;
+    the models are left in the mode they were in.
+    """
+    if to_input is None:
+        ref = next(iter(models.values())).parameters()
+        device = next(ref).device
+        to_input = lambda x: x.to(device)  # noqa: E731
+    preds: dict[str, list[torch.Tensor]] = {n: [] for n in models}
+    labels: list[torch.Tensor] = []
+    modes = {n: m.training for n, m in models.items()}
+    try:
+        for m in models.values():
+            m.eval()
+        with torch.no_grad():  # not inference_mode: cached tensors of eval-mode modules stay usable for training
+            for images, lab in iter_batches(data, batch_size, num_workers, indices=indices):
+                x = to_input(images)
+                for name, model in models.items():
+                    expected = (input_sizes or {}).get(name)
+                    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
+                        raise DataError(
+                            f"images are {tuple(images.shape[1:])} but {name} takes {tuple(expected)}: "
+                            "preprocess the data with that model's data config"
+                        )
+                    with autocast(x.device, amp):
+                        logits = model(x)
+                    preds[name].append(logits.float().argmax(dim=-1).cpu())
+                labels.append(lab)
+    finally:
+        for n, m in models.items():
+            m.train(modes[n])
+    if not labels:
+        return {n: torch.empty(0, dtype=torch.long) for n in models}, torch.empty(0, dtype=torch.long)
+    return {n: torch.cat(p) for n, p in preds.items()}, torch.cat(labels)
+
+
+def evaluate_top1(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    num_workers: Optional[int] = None,
+    limit: Optional[int] = None,
+) -> Optional[float]:
+    """Top-1 accuracy of ``model`` on ``data`` (an ``ImageData``, or any data ``predict`` reads),
+    shared across processes under torchrun (each process scores its share of an ``ImageData``).
+
+    Runs on ``device`` (default: this process's GPU, else the CPU), bf16 autocast on CUDA.
+    Returns None when the data has no labels. The model is left in the mode it was in.
+    """
+    if not getattr(data, "has_labels", True):
+        return None
+    info = dist_info()
+    dev = torch.device(device) if device is not None else default_device(info)
+    indices = None
+    if isinstance(data, ImageData):  # each process scores every world_size-th image
+        count = len(data) if limit is None else min(limit, len(data))
+        indices = list(rank_shard(count, info))
+    preds, labels = predict({"model": model}, data, batch_size=batch_size, num_workers=num_workers, indices=indices,
+                            to_input=lambda x: x.to(dev), amp=True)
+    known = labels >= 0
+    counts = torch.tensor([float((preds["model"][known] == labels[known]).sum()), float(known.sum())], dtype=torch.float64)
+    counts = all_reduce_sum(counts.to(reduce_device(dev))).cpu()
+    return float(counts[0] / counts[1]) if counts[1] > 0 else None
+
+
 def _evaluate(
     entries: Sequence[BenchEntry],
     prepared: Mapping[str, nn.Module],
@@ -699,7 +680,10 @@ def _evaluate(
     preds: dict[str, torch.Tensor] = {}
     labels: dict[str, torch.Tensor] = {}
     for d, names in groups.values():
-        p, lab = _predict(d, {n: prepared[n] for n in names}, input_sizes, run)
+        p, lab = predict({n: prepared[n] for n in names}, d, num_workers=run.num_workers,
+                         to_input=lambda x: _to_run(x, run), input_sizes=input_sizes)
+        if lab.numel() == 0:
+            raise DataError("the data has no images to evaluate on")
         preds.update(p)
         labels.update({n: lab for n in names})
     by_name = {r.name: r for r in results}
@@ -714,47 +698,137 @@ def _evaluate(
             r.agreement = int((p == base).sum()) / p.numel()
 
 
-def _predict(
-    data: Any,
-    models: Mapping[str, nn.Module],
-    input_sizes: Mapping[str, tuple[int, int, int]],
-    run: _Run,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    preds: dict[str, list[torch.Tensor]] = {n: [] for n in models}
-    labels: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for images, lab in _batches(data):
-            for name, model in models.items():
-                if tuple(images.shape[1:]) != tuple(input_sizes[name]):
-                    raise DataError(
-                        f"images are {tuple(images.shape[1:])} but {name} takes {tuple(input_sizes[name])}: "
-                        "preprocess the data with that model's data config"
-                    )
-                logits = model(_to_run(images, run))
-                preds[name].append(logits.float().argmax(dim=-1).cpu())
-            labels.append(lab)
-    if not labels:
-        raise DataError("the data has no images to evaluate on")
-    return {n: torch.cat(p) for n, p in preds.items()}, torch.cat(labels)
+# ---- building entries from names and files --------------------------------------------------
+def is_export(name: str) -> bool:
+    """Whether ``name`` is a vitcompress ``.safetensors`` file (not a local-dir: or hf-hub: model)."""
+    return name.endswith(".safetensors") and not name.startswith(("local-dir:", "hf-hub:"))
 
 
-def _batches(data: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) from an ImageData, a DataLoader or an iterable of batches."""
-    if hasattr(data, "batches") and hasattr(data, "dataset"):  # vitcompress.data.ImageData
-        from vitcompress.data import make_loader
+def entries_for(
+    model: str,
+    *,
+    baseline: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    baseline_checkpoint: Optional[str] = None,
+    random_init: bool = False,
+    need_weights: bool = False,
+    log: Optional[Log] = None,
+) -> list[BenchEntry]:
+    """The models ``vitcompress bench MODEL [--baseline B]`` measures: ``[baseline, model]`` (the
+    baseline first: speed-ups refer to it), or ``[model]`` alone.
 
-        yield from data.batches(make_loader(data, EVAL_BATCH_SIZE))
-        return
-    for item in data:
-        if isinstance(item, torch.Tensor):
-            images = item if item.dim() == 4 else item.unsqueeze(0)
-            yield images, torch.full((images.shape[0],), -1, dtype=torch.long)
-        elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], torch.Tensor):
-            images, lab = item[0], torch.as_tensor(item[1]).long().reshape(-1)
-            if images.numel() > 0:  # data.py's collate yields empty batches when every image was unreadable
-                yield images, lab
-        else:
-            raise DataError(f"cannot read a batch of type {type(item).__name__}: expected (images, labels) or an image tensor")
+    ``model``/``baseline``: any model name ``load_model`` takes, or a vitcompress ``.safetensors``.
+    A compressed file without ``baseline`` is compared with its original, rebuilt from the file's
+    metadata: random weights (enough for timing) unless ``need_weights`` (accuracy), then the
+    original's weights (``baseline_checkpoint``, else its pretrained or local-dir weights).
+    Each entry's ``info`` holds where it came from and its ``data_config``. ``log`` gets notes.
+    """
+    say = log or (lambda message: None)
+    if is_export(model):
+        if checkpoint is not None:
+            raise VitcompressError("--checkpoint does not apply to a vitcompress .safetensors (it holds its weights)")
+        main = _export_entry(model)
+        if baseline is None:
+            return [_original_entry(model, main, baseline_checkpoint, random_init, need_weights, say), main]
+    else:
+        main = _named_entry(model, checkpoint, random_init, "model")
+    if baseline is None:
+        if baseline_checkpoint is not None:
+            raise VitcompressError("--baseline-checkpoint needs --baseline (or a vitcompress .safetensors model)")
+        return [main]
+    if is_export(baseline):
+        other = _export_entry(baseline)
+    else:
+        other = _named_entry(baseline, baseline_checkpoint, random_init, "baseline")
+    if other.name == main.name:
+        other.name = f"{other.name} (baseline)"
+    return [other, main]
+
+
+def _export_entry(path: str) -> BenchEntry:
+    from vitcompress.export import load, read_metadata
+
+    meta = read_metadata(path)
+    model = load(path)
+    cfg = meta.get("data_config") or (meta.get("model") or {}).get("data_config") or {}
+    info = {"kind": "compressed", "source": path, "base_model": (meta.get("model") or {}).get("model_id")}
+    for key in ("teacher_top1", "student_top1", "speedup"):
+        if key in meta:
+            info[f"recorded_{key}"] = meta[key]
+    return BenchEntry(Path(path).name, model, geometry_input_size(model, cfg), info=_with_config(info, cfg))
+
+
+def _original_entry(
+    path: str, compressed: BenchEntry, checkpoint: Optional[str], random_init: bool, need_weights: bool, say: Log
+) -> BenchEntry:
+    """The model the file was compressed from: its architecture from the metadata; weights only
+    when accuracy is wanted (they do not change the timing)."""
+    from vitcompress.export import read_metadata
+    from vitcompress.models import ModelSpec, build_model, load_model
+
+    spec = ModelSpec.from_dict(read_metadata(path)["model"])
+    label = f"{spec.model_id} (original)"
+    if checkpoint is None and (not need_weights or spec.weights == "random"):
+        say(f"original of {Path(path).name}: {spec.architecture} with random weights (enough for timing)")
+        model, weights = build_model(spec), "random"
+    else:
+        if checkpoint is None and spec.weights == "checkpoint":
+            raise VitcompressError(
+                f"the original of {path} was loaded from a local checkpoint: pass it with --baseline-checkpoint PATH "
+                "for accuracy, or --random-init to time only"
+            )
+        try:
+            model, _ = load_model(spec.model_id, checkpoint=checkpoint, model_kwargs=spec.model_args)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"cannot load the original model's weights for accuracy ({exc}); pass --baseline-checkpoint PATH, "
+                "or --random-init to time only"
+            ) from None
+        weights = "checkpoint" if checkpoint is not None else "pretrained"
+    info = {"kind": "original", "source": spec.model_id, "architecture": spec.architecture, "weights": weights}
+    cfg = spec.data_config or compressed.info.get("data_config") or {}
+    return BenchEntry(label, model, geometry_input_size(model, cfg), info=_with_config(info, cfg))
+
+
+def _named_entry(name: str, checkpoint: Optional[str], random_init: bool, kind: str) -> BenchEntry:
+    from vitcompress.models import load_model
+
+    model, spec = load_model(name, checkpoint=checkpoint, random_init=random_init)
+    info = {"kind": kind, "source": name, "architecture": spec.architecture, "weights": spec.weights}
+    return BenchEntry(name, model, geometry_input_size(model, spec.data_config), info=_with_config(info, spec.data_config))
+
+
+def _with_config(info: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {**info, "data_config": dict(cfg)}
+
+
+def attach_data(
+    entries: Sequence[BenchEntry],
+    source: str,
+    *,
+    split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    limit: Optional[int] = None,
+    log: Optional[Log] = None,
+) -> None:
+    """Give each entry the images of ``source`` preprocessed with its own data config (loaded once
+    per config), in the same order, so that agreement compares predictions on the same images."""
+    from vitcompress.data import load_data
+
+    say = log or (lambda message: None)
+    by_config: dict[str, Any] = {}
+    for entry in entries:
+        cfg = dict(entry.info.get("data_config") or {})
+        cfg["input_size"] = list(entry.input_size or cfg.get("input_size", ()))  # what the model runs at
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in by_config:
+            loaded = load_data(
+                source, split=split, data_config=cfg, image_column=image_column, label_column=label_column, limit=limit
+            )
+            say(f"data: {loaded.source} split '{loaded.split}', {len(loaded)} images")
+            by_config[key] = loaded
+        entry.data = by_config[key]
 
 
 # ---- environment -----------------------------------------------------------------------------
@@ -841,22 +915,9 @@ def _locked(f: Any) -> Iterator[None]:
 
 
 __all__ = [
-    "BenchEntry",
-    "BenchResult",
-    "CSV_COLUMNS",
-    "DTYPES",
-    "Measurement",
-    "ModelResult",
-    "SCHEMA_VERSION",
-    "Stats",
-    "append_csv",
-    "bench",
-    "check_dtype_supported",
-    "interleaved_order",
-    "measure_interleaved",
-    "parse_batch_sizes",
-    "quantile",
-    "resolve_device",
-    "resolve_dtype",
-    "speedup",
-]
+    "BenchEntry", "BenchResult", "CSV_COLUMNS", "DEFAULT_REPEATS", "DEFAULT_WARMUP", "DTYPES", "EVAL_BATCH_SIZE",
+    "Measurement", "ModelResult", "SCHEMA_VERSION", "append_csv", "attach_data", "bench", "check_dtype_supported",
+    "entries_for", "evaluate_top1", "is_export", "parse_batch_sizes", "predict", "resolve_device", "resolve_dtype",
+    # the statistics and timer bench measures with, re-exported from vitcompress.timing
+    "Stats", "interleaved_order", "measure_interleaved", "quantile", "speedup",
+]  # fmt: skip

@@ -4,7 +4,9 @@ For a plan, ``convert`` does, in the original model's block numbering:
 
 * ``blocks[i].attn = DGSSA(blocks[i].attn, ...)`` for each ``i`` in ``plan.static_layers``;
 * for each reduction ``r``: ``blocks[r.before_block].glad = GLAD(...)`` plus a forward pre-hook on
-  that block that runs ``glad`` on the block's input. A submodule + hook (rather than a wrapper
+  that block that runs ``glad`` on the block's input;
+* with ``plan.merge_r``: token merging patched into the blocks (``modules.tome.patch_tome``; the
+  blocks' modules and state-dict keys are unchanged). A submodule + hook (rather than a wrapper
   module or an extra entry in ``blocks``) keeps every ``blocks.{i}.*`` state-dict key meaning the
   original block ``i``; the new weights appear as ``blocks.{i}.glad.weight``.
 
@@ -25,9 +27,10 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from vitcompress.errors import UnsupportedModelError, VitcompressError
+from vitcompress.errors import VitcompressError
 from vitcompress.modules import DGSSA, GLAD
-from vitcompress.plan import Plan
+from vitcompress.geometry import vit_geometry
+from vitcompress.plan_types import Plan
 
 AttentionMeans = Mapping[Union[int, str], torch.Tensor]
 
@@ -54,19 +57,38 @@ def convert(
     means = _normalize_means(attention_means)
     target = model if inplace else copy.deepcopy(model)
     # Build every new module first so that a rejected plan leaves the model untouched.
-    glads = _build_glads(target, plan)
+    glads = _build_glads(target, plan, means)
     static = _build_static(target, plan, means)
+    sized = bool(plan.proportional_attention and plan.reductions)
     for i, glad in glads.items():
         target.blocks[i].glad = glad.train(target.blocks[i].training)  # new modules follow the model's mode
-        target.blocks[i].register_forward_pre_hook(_run_glad)
+        target.blocks[i].register_forward_pre_hook(_run_glad_sized if sized else _run_glad)
     for i, dgssa in static.items():
         target.blocks[i].attn = dgssa.train(target.blocks[i].training)
+    if any(plan.merges()) or sized:
+        from vitcompress.modules.tome import patch_tome
+
+        # Size-aware blocks: token merging's, or (r = 0) the blocks that weigh GLAD's tokens by size.
+        patch_tome(target, plan.merges())
     return target
 
 
 def _run_glad(block: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: aggregate the block's input tokens with its GLAD stage."""
     return (block.glad(args[0]),) + tuple(args[1:])
+
+
+def _run_glad_sized(block: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook with proportional attention: aggregate, then hand the output tokens'
+    sizes (original patches each stands for) to the blocks after it."""
+    from vitcompress.modules.tome import set_token_size, token_size
+
+    x = args[0]
+    size = token_size(block)
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    set_token_size(block, block.glad.out_size(size))
+    return (block.glad(x),) + tuple(args[1:])
 
 
 def static_attention_modules(model: nn.Module) -> dict[int, DGSSA]:
@@ -81,7 +103,8 @@ def glad_modules(model: nn.Module) -> dict[int, GLAD]:
 
 def validate_plan(model: nn.Module, plan: Plan) -> None:
     """Raise a VitcompressError saying what is wrong if ``plan`` cannot be applied to ``model``."""
-    depth, grid, prefix = vit_geometry(model)
+    geom = vit_geometry(model)
+    depth, grid, prefix = geom.depth, geom.grid, geom.num_prefix_tokens
     if static_attention_modules(model) or glad_modules(model):
         raise VitcompressError("the model is already converted: convert the original (uncompressed) model")
     if plan.num_blocks != depth or tuple(plan.grid) != grid or plan.num_prefix_tokens != prefix:
@@ -100,26 +123,34 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
                 f"not fewer than its {patch_tokens} input tokens: use smaller scales"
             )
         patch_tokens = r.keep_tokens
+    _check_merges(plan, depth)
 
 
-def vit_geometry(model: nn.Module) -> tuple[int, tuple[int, int], int]:
-    """(depth, patch grid, prefix tokens) of a supported timm ViT, or UnsupportedModelError."""
-    blocks = getattr(model, "blocks", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if not isinstance(blocks, nn.Sequential) or grid is None or not hasattr(model, "num_prefix_tokens"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer (needs blocks, patch_embed.grid_size, "
-            f"num_prefix_tokens): use a timm ViT/DeiT model"
+def _check_merges(plan: Plan, depth: int) -> None:
+    """Token merging: one r per block, each within what bipartite matching can merge, static
+    layers only before the first merge (static attention needs the original, fixed tokens)."""
+    from vitcompress.modules.tome import max_merge
+
+    merges = plan.merges()
+    if not any(merges):
+        return
+    if len(plan.merge_r) != depth or any(r < 0 for r in merges):
+        raise VitcompressError(f"plan merge_r {plan.merge_r} must give one count >= 0 for each of the {depth} blocks")
+    if plan.reductions:
+        raise VitcompressError("a plan cannot both aggregate tokens (GLAD) and merge them (token merging): choose one")
+    first = next(i for i, r in enumerate(merges) if r > 0)
+    late = [i for i in plan.static_layers if i > first]
+    if late:
+        raise VitcompressError(
+            f"static layers {late} come after token merging starts (block {first}): static attention needs "
+            f"a fixed set of tokens; put static layers first or merge later"
         )
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError(
-            "static attention needs a fixed token count: create the model without dynamic_img_size=True"
-        )
-    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
-        raise UnsupportedModelError(
-            "patch dropout changes the token count during training: create the model with patch_drop_rate=0"
-        )
-    return len(blocks), (int(grid[0]), int(grid[1])), int(model.num_prefix_tokens)
+    for i, (n, r) in enumerate(zip(plan.tokens_per_block(), merges)):
+        if r > max_merge(n, plan.num_prefix_tokens):
+            raise VitcompressError(
+                f"plan merges {r} tokens in block {i}, which has only {n} tokens ({plan.num_prefix_tokens} prefix): "
+                f"at most {max_merge(n, plan.num_prefix_tokens)}; make the plan for this model"
+            )
 
 
 def _check_indices(what: str, indices: list[int], depth: int) -> None:
@@ -143,7 +174,7 @@ def _normalize_means(means: Optional[AttentionMeans]) -> Optional[dict[int, torc
     return out
 
 
-def _build_glads(model: nn.Module, plan: Plan) -> dict[int, GLAD]:
+def _build_glads(model: nn.Module, plan: Plan, means: Optional[dict[int, torch.Tensor]] = None) -> dict[int, GLAD]:
     grids = [tuple(plan.grid)]
     glads: dict[int, GLAD] = {}
     for r in plan.reductions:
@@ -152,6 +183,8 @@ def _build_glads(model: nn.Module, plan: Plan) -> dict[int, GLAD]:
             glad = GLAD(plan.num_prefix_tokens, grids, r.scales, device=ref.device, dtype=ref.dtype)
         except VitcompressError as exc:
             raise VitcompressError(f"reduction before block {r.before_block}: {exc}") from exc
+        if plan.glad_init == "attention" and r is plan.reductions[0] and means is not None:
+            glad.init_from_attention(_means_for(means, r.before_block, model.blocks[r.before_block].attn, plan.num_prefix_tokens + grids[0][0] * grids[0][1]))
         glads[r.before_block] = glad
         grids = glad.out_grids
     return glads

@@ -4,16 +4,27 @@ Sources (``--data``): ``demo`` (scikit-learn's digits, offline), a local image f
 sub-folder per class, optionally under ``train/``, ``val/`` or ``test/``), local parquet or arrow
 files, a ``save_to_disk`` folder, or a Hugging Face hub dataset id. Images are preprocessed with
 the model's timm data config. Unreadable images are skipped and counted, never a crash.
+
+Splits: ``load_train_val`` gives the training split and a held-out one for top-1 (the named
+validation split, else test/validation, else a fixed share of a single split: ``hold_out``).
+Anything *chosen* by measuring accuracy (a plan, a threshold, a setting) is chosen on
+``train_val_split(train, ...)``, a fixed random slice of the *training* split, never on the
+test split: the test split only reports the final number.
+
+Batches: ``iter_batches`` turns anything the stages accept (an ``ImageData``, an image tensor, a
+DataLoader, any iterable of ``(images, labels)`` or of image tensors) into ``(images, labels)``
+batches; ``make_loader`` is the one place a DataLoader is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +37,11 @@ from vitcompress.hub import hub_mode, offline_reason
 DEMO_DATA = "demo"
 # Which split to use when none is named: held-out data first.
 SPLIT_PREFERENCE = ("test", "validation", "val", "valid", "train")
+# load_train_val: the held-out split for top-1, in this order of preference.
+VAL_PREFERENCE = ("test", "validation", "val", "valid")
+# When a dataset has a single split, this share of it (at most HOLDOUT_MAX images) is held out for top-1.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX = 2000
 _SPLIT_DIRS = {"train", "val", "valid", "validation", "test"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 _IMAGE_NAMES = ("image", "img", "images", "picture", "pixel_values")
@@ -182,6 +198,54 @@ def make_loader(
     )
 
 
+def iter_batches(
+    data: Any,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images [B, C, H, W], labels [B])`` batches from any data the stages accept.
+
+    ``data``: an ``ImageData`` (batched with ``make_loader``; unreadable images are skipped and
+    counted in ``data.skipped``; ``indices`` picks which of its images, in that order), one image
+    tensor ([B, C, H, W] or [C, H, W], split into ``batch_size`` batches), or a DataLoader or any
+    iterable of ``(images, labels)`` batches or of image tensors (used as batched). Labels are
+    ``-1`` where unknown. Raises DataError for an item that is neither.
+    """
+    if isinstance(data, ImageData):
+        loader = make_loader(data, batch_size, sampler=list(indices) if indices is not None else None, num_workers=num_workers)
+        yield from data.batches(loader)
+        return
+    if indices is not None:
+        raise DataError("iter_batches(indices=...) needs an ImageData")
+    if isinstance(data, torch.Tensor):
+        images = data if data.dim() == 4 else data.unsqueeze(0)
+        for batch in images.split(batch_size):
+            yield batch, _unknown_labels(batch)
+        return
+    for item in data:
+        images, labels = _batch_of(item)
+        if images.numel() > 0:  # collate_skipping yields empty batches when every image was unreadable
+            yield images, labels
+
+
+def _batch_of(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        images = item if item.dim() == 4 else item.unsqueeze(0)
+        return images, _unknown_labels(images)
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        images = item[0]
+        if len(item) < 2 or item[1] is None:
+            return images, _unknown_labels(images)
+        return images, torch.as_tensor(item[1]).long().reshape(-1)
+    raise DataError(f"cannot read a batch of type {type(item).__name__}: expected (images, labels) or an image tensor")
+
+
+def _unknown_labels(images: torch.Tensor) -> torch.Tensor:
+    return torch.full((int(images.shape[0]),), -1, dtype=torch.long)
+
+
 def build_transform(data_config: dict[str, Any] | None, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """timm's eval (or light training) transform from a model's data config."""
     from timm.data import create_transform
@@ -235,6 +299,86 @@ def load_data(
     if len(data) == 0:
         raise DataError(f"--data {source}: split '{data.split}' has no images")
     return data
+
+
+# ---- splits, hold-outs, subsets --------------------------------------------------------------
+def load_train_val(
+    source: str,
+    data_config: dict[str, Any],
+    *,
+    split: str | None = None,
+    val_split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[ImageData, ImageData]:
+    """The training split (``split``, default ``train``) and a held-out split for top-1
+    (``val_split``, default test/validation; with a single split, a fixed 10% of it is held out,
+    see ``hold_out``).
+
+    Both use the deterministic eval preprocessing: fine-tuning augments batches itself.
+    """
+    columns = {"image_column": image_column, "label_column": label_column}
+    prefer = ("train",) + tuple(s for s in SPLIT_PREFERENCE if s != "train")
+    train = load_data(source, split=split, data_config=data_config, prefer=prefer, **columns)
+    if val_split is not None:
+        if val_split == train.split:
+            raise DataError(f"--val-split {val_split} is the training split: hold out another split")
+        return train, load_data(source, split=val_split, data_config=data_config, **columns)
+    others = [s for s in VAL_PREFERENCE if s in train.splits and s != train.split]
+    if others:
+        return train, load_data(source, split=others[0], data_config=data_config, **columns)
+    return hold_out(train, log)
+
+
+def hold_out(data: ImageData, log: Callable[[str], None] = print) -> tuple[ImageData, ImageData]:
+    """(the rest, the held-out part) of a dataset with a single split: ``HOLDOUT_FRACTION`` of it,
+    at most ``HOLDOUT_MAX`` images, a fixed random choice (seed 0), for top-1."""
+    n = len(data)
+    count = min(HOLDOUT_MAX, max(1, round(n * HOLDOUT_FRACTION)))
+    if n - count < 1:
+        raise DataError(f"--data {data.source}: {n} image(s) are too few to both train and evaluate")
+    rest, held = train_val_split(data, count, seed=0)
+    log(f"{data.source} has one split ('{data.split}'): holding out {count} of its {n} images for top-1")
+    return (dataclasses.replace(rest, split=f"{data.split}[holdout-rest]"),
+            dataclasses.replace(held, split=f"{data.split}[holdout]"))
+
+
+def train_val_split(data: ImageData, fraction_or_count: Union[float, int], seed: int = 0) -> tuple[ImageData, ImageData]:
+    """(train part, validation part) of ``data``: a fixed random slice (``seed``) held out.
+
+    ``fraction_or_count``: a share in (0, 1) or a number of images (at least 1, fewer than all).
+    Use it on the *training* split for anything chosen by measuring accuracy (plans, thresholds,
+    settings): choosing on the test split would make its accuracy an optimistic estimate. Both
+    parts keep the images in their original order; the same seed gives the same parts.
+    """
+    n = len(data)
+    if isinstance(fraction_or_count, float):
+        if not 0.0 < fraction_or_count < 1.0:
+            raise DataError(f"a validation share must lie strictly between 0 and 1, got {fraction_or_count}")
+        count = max(1, round(n * fraction_or_count))
+    else:
+        count = int(fraction_or_count)
+    if not 1 <= count < n:
+        raise DataError(f"cannot hold out {count} of {n} image(s): keep at least one on each side")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(order[:count]), sorted(order[count:])
+    return _subset(data, train_idx, f"{data.split}[train-part]"), _subset(data, val_idx, f"{data.split}[val-part]")
+
+
+def random_subset(data: ImageData, count: int, seed: int = 0) -> ImageData:
+    """A fixed random subset (``seed``) of ``count`` images of ``data``, in their original order
+    (all of it when ``count`` covers it): a class-sorted folder's first images would be one class."""
+    if count >= len(data):
+        return data
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return _subset(data, sorted(order), data.split)
+
+
+def _subset(data: ImageData, indices: Sequence[int], split: str) -> ImageData:
+    from torch.utils.data import Subset
+
+    return dataclasses.replace(data, dataset=Subset(data.dataset, list(indices)), split=split)
 
 
 def _choose_split(available: Sequence[str], split: str | None, prefer: Sequence[str], source: str) -> str:

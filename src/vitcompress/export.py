@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from vitcompress._io import atomic_path
+from vitcompress._version import __version__
 from vitcompress.errors import CheckpointFormatError, VitcompressError
+from vitcompress.geometry import input_size as geometry_input_size
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vitcompress"
@@ -27,14 +29,13 @@ _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 def vitcompress_version() -> str:
+    """The installed distribution's version, else (running from a source tree) ``_version.__version__``."""
     try:
         from importlib.metadata import version
 
         return version("vitcompress")
-    except Exception:  # not installed (running from a source tree)
-        import vitcompress
-
-        return str(getattr(vitcompress, "__version__", "0+unknown"))
+    except Exception:  # not installed
+        return __version__
 
 
 def state_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,7 +153,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
 
     from vitcompress.convert import convert
     from vitcompress.models import ModelSpec, build_model
-    from vitcompress.plan import Plan
+    from vitcompress.plan_types import Plan
 
     meta = read_metadata(path)
     try:
@@ -176,16 +177,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
 
 
 # ---- ONNX ------------------------------------------------------------------------------------
-def input_size_of(model: nn.Module, metadata: Optional[Mapping[str, Any]] = None) -> tuple[int, int, int]:
-    """(channels, height, width) the model expects: from the export metadata, else timm's config."""
-    cfg = dict((metadata or {}).get("data_config") or getattr(model, "vitcompress_metadata", {}).get("data_config") or {})
-    if "input_size" in cfg:
-        c, h, w = (int(v) for v in cfg["input_size"])
-        return c, h, w
-    pe = model.patch_embed
-    return int(pe.proj.in_channels), int(pe.img_size[0]), int(pe.img_size[1])
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -204,7 +195,7 @@ def export_onnx(
     VitcompressError if the graph's outputs differ from PyTorch's by more than ``tolerance``.
     """
     check_writable(path, force, "ONNX output")
-    c, h, w = input_size or input_size_of(model)
+    c, h, w = input_size or geometry_input_size(model)
     model = model.eval()
     example = torch.randn(2, c, h, w, device=_device_of(model))
     with atomic_path(path) as tmp:
@@ -271,7 +262,6 @@ __all__ = [
     "check_writable",
     "export",
     "export_onnx",
-    "input_size_of",
     "load",
     "read_metadata",
     "state_tensors",

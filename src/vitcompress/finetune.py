@@ -4,11 +4,12 @@ The loss is a weighted sum of up to four terms (a weight of 0 switches a term of
 
 * ``ce``: cross-entropy on the labels (images without a label, -1, are ignored);
 * ``kd``: knowledge distillation on the logits, ``T^2 KL(softmax(t/T) || softmax(s/T))``;
-* ``attn``: the dynamic guidance of DGSSA. Per image, each static attention is pulled toward the
-  teacher's dynamic attention at that layer: the row-wise ``KL(teacher || static)``, averaged over
-  images, heads and rows. Its minimum over a dataset is the mean attention, which is where the
-  static layers start, so the term keeps them near what the teacher does while ``ce``/``kd`` adapt
-  them to the rest of the student;
+* ``attn``: the dynamic guidance of DGSSA (``guidance``). ``"output"`` (default): each static
+  layer's per-image output is distilled from the teacher's dynamic attention output at that layer
+  (``output_guidance_loss``), so each image's own attention behaviour reaches the student.
+  ``"map"``: the row-wise ``KL(teacher || static)`` of the maps, averaged over images, heads and
+  rows; its optimum over a dataset is the mean attention the static layers start from, so it only
+  anchors them there. ``"none"``: off;
 * ``feat``: at each GLAD output, the mean squared error between student and teacher on the prefix
   tokens and on the mean patch token (so it does not depend on the token count), divided by the
   teacher's mean square.
@@ -32,11 +33,11 @@ and the step, and a resumed run makes the same updates as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,13 +48,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcompress._io import atomic_path
+from vitcompress.bench import evaluate_top1
+from vitcompress.distributed import (  # DistInfo ... default_device: re-exported, they used to live here
+    DistInfo,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    default_device,
+    dist_info,
+    init_distributed,
+    reduce_device,
+)
 from vitcompress.errors import CheckpointFormatError, DataError, VitcompressError
+from vitcompress.names import CHECKPOINT_FILE
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_NAME = CHECKPOINT_FILE
 CHECKPOINT_KIND = "vitcompress-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
+GUIDANCE_CHOICES = ("output", "map", "none")
 AUGMENT_CHOICES = ("auto", "flip-shift", "shift", "none")
 _LOSS_TERMS = ("ce", "kd", "attn", "feat")
+
+Progress = Callable[[int, int, str], None]  # (optimizer steps done, steps in all, text)
 
 
 @dataclass
@@ -73,6 +89,10 @@ class FinetuneConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     attn_weight: float = 1.0
+    # Dynamic guidance of static layers: "output" distils each static layer's per-image output from
+    # the teacher's attention output; "map" pulls the static map toward the teacher's per-image maps
+    # (row-wise KL; its optimum is the mean map); "none" switches it off.
+    guidance: str = "output"
     feat_weight: float = 0.0
     # flip-shift: random horizontal flip and translation by up to 1/8 of the side; auto: flip-shift,
     # except shift only on the demo digits (compress resolves it), where a mirrored digit is another digit.
@@ -85,7 +105,7 @@ class FinetuneConfig:
     eval_batch_size: Optional[int] = None
     amp: bool = True  # bf16 autocast when training on CUDA
     device: Optional[str] = None  # default: this process's GPU if there is one, else CPU
-    progress: bool = True
+    progress: bool = True  # report progress to finetune(progress=...) (the CLI draws it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +130,8 @@ class FinetuneConfig:
         weights = [self.ce_weight, self.kd_weight, self.attn_weight, self.feat_weight]
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise VitcompressError("loss weights must be >= 0 and at least one must be positive")
+        if self.guidance not in GUIDANCE_CHOICES:
+            raise VitcompressError(f"--guidance must be one of {', '.join(GUIDANCE_CHOICES)}, got '{self.guidance}'")
         if self.augment not in AUGMENT_CHOICES:
             raise VitcompressError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got '{self.augment}'")
 
@@ -134,74 +156,6 @@ class FinetuneResult:
         d = asdict(self)
         d.pop("step_losses")
         return d
-
-
-# ---- processes -------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1); else one process.
-
-    gloo on CPU, nccl on GPU. The long timeout leaves rank 0 time to analyse and plan while the
-    others wait. Safe to call more than once.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
-
-
-def dist_info() -> DistInfo:
-    """The current process's place in the process group (one process when there is none)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
-    return DistInfo()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def default_device(info: DistInfo | None = None) -> torch.device:
-    info = info or dist_info()
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # ---- deterministic randomness ----------------------------------------------------------------
@@ -281,6 +235,15 @@ def attention_guidance_loss(static_probs: torch.Tensor, teacher_probs: torch.Ten
     return kl.mean()
 
 
+def output_guidance_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-image distillation of a static layer: the mean squared error between the static
+    attention's output and the teacher's dynamic attention output at that layer, for every image
+    and token, over the teacher's mean square. Unlike a loss on the maps (whose optimum is the
+    batch-mean map the static logits start from), its gradient carries each image's own behaviour."""
+    t = teacher_out.float()
+    return F.mse_loss(student_out.float(), t) / (t.pow(2).mean() + eps)
+
+
 def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, num_prefix_tokens: int, eps: float = 1e-8) -> torch.Tensor:
     """MSE on the prefix tokens and the mean patch token, over the teacher's mean square."""
     s = _token_summary(student_tokens.float(), num_prefix_tokens)
@@ -306,9 +269,15 @@ class _Guidance:
         skipped = sorted(set(static) - set(self.static))
         if skipped:
             log(f"attention guidance skips static layers {skipped}: they run on aggregated tokens")
+        if cfg.guidance == "none":
+            self.static = {}
+        self.mode = cfg.guidance
         self.glads = glad_modules(student) if cfg.feat_weight > 0 else {}
         self.student_feats: dict[int, torch.Tensor] = {}
         self.teacher_feats: dict[int, torch.Tensor] = {}
+        self.student_attn: dict[int, torch.Tensor] = {}
+        self.teacher_attn: dict[int, torch.Tensor] = {}
+        self._student = student
         self._handles: list[Any] = []
         self._teacher = teacher
         self._recorder: Any = None
@@ -317,7 +286,11 @@ class _Guidance:
         for i, glad in self.glads.items():
             self._handles.append(glad.register_forward_hook(self._keep(self.student_feats, i, output=True)))
             self._handles.append(self._teacher.blocks[i].register_forward_pre_hook(self._keep(self.teacher_feats, i)))
-        if self.static:
+        if self.static and self.mode == "output":
+            for i, m in self.static.items():
+                self._handles.append(m.register_forward_hook(self._keep(self.student_attn, i, output=True)))
+                self._handles.append(self._teacher.blocks[i].attn.register_forward_hook(self._keep(self.teacher_attn, i, output=True)))
+        elif self.static:
             from vitcompress.analyze import AttentionRecorder
 
             self._recorder = AttentionRecorder(self._teacher, layers=sorted(self.static))
@@ -342,7 +315,11 @@ class _Guidance:
     def attn_loss(self) -> Optional[torch.Tensor]:
         if not self.static:
             return None
-        losses = [attention_guidance_loss(m.attention(), self._recorder.maps[i]) for i, m in self.static.items()]
+        if self.mode == "output":
+            losses = [output_guidance_loss(self.student_attn[i], self.teacher_attn[i].detach()) for i in self.static]
+        else:
+            losses = [attention_guidance_loss(m.attention(), self._recorder.maps[i][:, list(m.static_heads)])
+                      for i, m in self.static.items()]
         return torch.stack(losses).mean()
 
     def feat_loss(self) -> Optional[torch.Tensor]:
@@ -416,57 +393,6 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dev
     return meta
 
 
-# ---- evaluation ------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_top1(
-    model: nn.Module,
-    data: Any,
-    *,
-    batch_size: int = 128,
-    device: torch.device | str | None = None,
-    num_workers: Optional[int] = None,
-    limit: Optional[int] = None,
-) -> Optional[float]:
-    """Top-1 accuracy of ``model`` on ``data`` (an ``ImageData``), shared across processes.
-
-    Returns None when the data has no labels. The model is left in the mode it was in.
-    """
-    from vitcompress.data import make_loader
-
-    if not getattr(data, "has_labels", True):
-        return None
-    info = dist_info()
-    device = torch.device(device) if device is not None else default_device(info)
-    count = len(data) if limit is None else min(limit, len(data))
-    indices = list(range(info.rank, count, info.world_size))
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
-    loader = make_loader(data, batch_size, sampler=indices, num_workers=num_workers)
-    for images, labels in data.batches(loader):
-        keep = labels >= 0
-        if not bool(keep.any()):
-            continue
-        with _autocast(device, True):
-            logits = model(images.to(device))
-        pred = logits.float().argmax(-1).cpu()
-        correct += torch.tensor([float((pred[keep] == labels[keep]).sum()), float(keep.sum())], dtype=torch.float64)
-    model.train(was_training)
-    correct = _all_reduce_sum(correct.to(_reduce_device(device))).cpu()
-    return float(correct[0] / correct[1]) if correct[1] > 0 else None
-
-
-def _reduce_device(device: torch.device) -> torch.device:
-    """nccl reduces CUDA tensors, gloo CPU ones."""
-    return device if device.type == "cuda" else torch.device("cpu")
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---- the training loop -----------------------------------------------------------------------
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     from vitcompress.convert import glad_modules, static_attention_modules
@@ -492,58 +418,6 @@ def _total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     return max(1, round(epochs * steps_per_epoch))
 
 
-class _Progress:
-    """Rank 0's progress: a rich bar (epoch, step, loss terms, lr, images/s, ETA) on a terminal,
-    else (a log file, a batch job) one plain line every 5% of the steps."""
-
-    def __init__(self, enabled: bool, total: int, start: int, log: Callable[[str], None]):
-        self.enabled = enabled
-        self.log = log
-        self.total = total
-        self.every = max(1, total // 20)  # without a bar (logs, batch jobs): a line every 5%
-        self._bar: Any = None
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if enabled and console.is_terminal:  # a log file gets plain lines instead (see update)
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"),
-                BarColumn(bar_width=20),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(compact=True),
-                console=console,
-                transient=False,
-            )
-            self._task = self._bar.add_task("fine-tune", total=total, completed=start, epoch="-", info="")
-
-    def __enter__(self) -> "_Progress":
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def update(self, step: int, epoch_label: str, info: str, eta_s: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, epoch=epoch_label, info=info)
-        elif step % self.every == 0 or step == self.total:
-            eta = f"{int(eta_s) // 60}:{int(eta_s) % 60:02d}"
-            self.log(f"step {step}/{self.total} (epoch {epoch_label}): {info}, ETA {eta}")
-
-    def print(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(message, highlight=False, soft_wrap=True)
-        else:
-            self.log(message)
-
-
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
@@ -553,6 +427,7 @@ def finetune(
     *,
     log: Optional[Callable[[str], None]] = None,
     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+    progress: Optional[Progress] = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (a converted model) in place by distillation from ``teacher``.
 
@@ -563,8 +438,11 @@ def finetune(
             here (``config.augment``) so that a resumed run is exact.
         val_data: an ``ImageData`` for top-1 after each epoch (None: no evaluation).
         config: settings; see ``FinetuneConfig``.
-        log: where rank 0's messages go (default: stderr).
+        log: where rank 0's messages go (default: printed on stderr).
         callback: called on every process after each optimizer step with (step, loss terms).
+        progress: on rank 0, when ``config.progress``, called as ``progress(step, total_steps,
+            "epoch E: loss ... img/s")`` at the start and after each optimizer step (the CLI draws
+            a bar or a line every 5% from it); None: nothing is reported.
 
     Under torchrun, call ``init_distributed()`` first (``finetune`` does it if needed); every
     process must call ``finetune`` with the same arguments.
@@ -572,17 +450,18 @@ def finetune(
     cfg = config or FinetuneConfig()
     cfg.validate()
     info = init_distributed()
-    log = log or _stderr_log
+    log = log or _print_stderr
     main_log = log if info.is_main else (lambda message: None)
+    report = progress if (progress is not None and cfg.progress and info.is_main) else None
     device = torch.device(cfg.device) if cfg.device else default_device(info)
     run = _Run(student, teacher, train_data, val_data, cfg, info, device, main_log)
-    return run.train(callback)
+    return run.train(callback, report)
 
 
-def _stderr_log(message: str) -> None:
-    from rich.console import Console
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
-    Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+
 
 
 class _Run:
@@ -685,7 +564,7 @@ class _Run:
         torch.manual_seed(_derived_seed(cfg.seed, "rng", self.step, micro, self.info.rank))
         images = augment_batch(images, cfg.augment, cfg.seed, self.step, micro, self.info.rank * cfg.batch_size, self.micro_global)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-        with _autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp):
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
             student_logits = self.model(images)
@@ -730,11 +609,11 @@ class _Run:
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad)
         self.optimizer.step()
-        sums = _all_reduce_sum(sums.to(_reduce_device(self.device))).cpu() / self.info.world_size
+        sums = all_reduce_sum(sums.to(reduce_device(self.device))).cpu() / self.info.world_size
         return sums
 
     # -- the loop --
-    def train(self, callback: Optional[Callable[[int, dict[str, float]], None]]) -> FinetuneResult:
+    def train(self, callback: Optional[Callable[[int, dict[str, float]], None]], progress: Optional[Progress] = None) -> FinetuneResult:
         self.maybe_resume()
         started = time.perf_counter()
         first = self.step
@@ -744,17 +623,18 @@ class _Run:
             f"device {self.device})"
         )
         guidance = _Guidance(self.student, self.teacher, self.cfg, self.log)
-        progress = _Progress(self.cfg.progress and self.info.is_main, self.total_steps, self.step, self.log)
+        report = progress or (lambda done, total, text: None)
+        report(self.step, self.total_steps, f"epoch {self.step // self.steps_per_epoch + 1}")
         batches: Optional[Iterator] = None
-        with guidance, progress:
+        with guidance:
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, self.steps_per_epoch)
                 if pos == 0 or batches is None:
                     batches = self._batches(epoch, pos)
                 sums = self._optimizer_step(guidance, batches)
-                self._after_step(sums, epoch, progress, started, first, callback)
+                self._after_step(sums, epoch, report, started, first, callback)
                 if (self.step % self.steps_per_epoch == 0) or self.step == self.total_steps:
-                    self._end_epoch(epoch, progress)
+                    self._end_epoch(epoch)
                     batches = None
                 elif self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
@@ -767,7 +647,7 @@ class _Run:
             config=self.cfg.to_dict(),
         )
 
-    def _after_step(self, sums: torch.Tensor, epoch: int, progress: _Progress, started: float, first: int, callback: Any) -> None:
+    def _after_step(self, sums: torch.Tensor, epoch: int, report: Progress, started: float, first: int, callback: Any) -> None:
         self.step += 1
         self.step_losses.append(float(sums[-1]))
         self._epoch_sums += sums
@@ -778,12 +658,11 @@ class _Run:
         rate = (self.step - first) * self.global_batch / elapsed
         lr = self.optimizer.param_groups[0]["lr"]
         shown = " ".join(f"{k} {terms[k]:.3f}" for k in _active_terms(self.cfg))
-        eta = (self.total_steps - self.step) * elapsed / max(self.step - first, 1)
-        progress.update(self.step, f"{epoch + 1}", f"loss {terms['loss']:.3f} ({shown}) lr {lr:.2e} {rate:.0f} img/s", eta)
+        report(self.step, self.total_steps, f"epoch {epoch + 1}: loss {terms['loss']:.3f} ({shown}) lr {lr:.2e} {rate:.0f} img/s")
         if callback is not None:
             callback(self.step, terms)
 
-    def _end_epoch(self, epoch: int, progress: _Progress) -> None:
+    def _end_epoch(self, epoch: int) -> None:
         eval_bs = self.cfg.eval_batch_size or max(self.cfg.batch_size, 64)
         top1 = None
         if self.val_data is not None:
@@ -798,7 +677,7 @@ class _Run:
         self._epoch_sums.zero_()
         self._epoch_steps = 0
         acc = f", val top-1 {top1:.4f}" if top1 is not None else ""
-        progress.print(f"epoch {epoch + 1} (step {self.step}): loss {entry['loss']:.4f}{acc}")
+        self.log(f"epoch {epoch + 1} (step {self.step}): loss {entry['loss']:.4f}{acc}")
         self.save()
 
 
@@ -812,12 +691,12 @@ __all__ = [
     "FinetuneResult",
     "DistInfo",
     "attention_guidance_loss",
+    "output_guidance_loss",
     "augment_batch",
     "barrier",
     "checkpoint_path",
     "dist_info",
     "epoch_permutation",
-    "evaluate_top1",
     "feature_loss",
     "finetune",
     "init_distributed",

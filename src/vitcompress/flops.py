@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from vitcompress.errors import VitcompressError
+from vitcompress.geometry import input_size as geometry_input_size
 
 aten = torch.ops.aten
 
@@ -50,33 +51,9 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
     return mapping
 
 
-def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) a model takes: its patch embedding's, else the export metadata's,
-    else timm's pretrained config.
-
-    The patch embedding comes first because it is what the model actually runs at: timm keeps the
-    pretrained config's 224 when a model is created with another ``img_size``.
-    Raises VitcompressError when none of these is known (pass ``input_size`` explicitly).
-    """
-    pe = getattr(model, "patch_embed", None)
-    img_size = getattr(pe, "img_size", None)
-    in_chans = getattr(getattr(pe, "proj", None), "in_channels", None)
-    if img_size is not None and in_chans is not None:
-        return int(in_chans), int(img_size[0]), int(img_size[1])
-    meta = getattr(model, "vitcompress_metadata", None) or {}
-    size = (meta.get("data_config") or {}).get("input_size")
-    if size is None:
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    if size is None or len(size) != 3:
-        raise VitcompressError(
-            f"cannot tell the input size of {type(model).__name__}: pass input_size=(1, C, H, W)"
-        )
-    return int(size[0]), int(size[1]), int(size[2])
-
-
 def _input_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, ...]:
     if input_size is None:
-        return (1, *model_input_size(model))
+        return (1, *geometry_input_size(model))
     shape = tuple(int(s) for s in input_size)
     if len(shape) == 3:
         shape = (1, *shape)
@@ -136,7 +113,7 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     """FLOPs (1 MAC = 2 FLOPs) of one forward pass of ``model`` on an input of ``input_size``.
 
     ``input_size`` is ``(batch, C, H, W)`` (default: batch 1 at the model's own input size, see
-    ``model_input_size``); FLOPs scale linearly with the batch. Counting runs the forward pass
+    ``vitcompress.geometry.input_size``); FLOPs scale linearly with the batch. Counting runs the forward pass
     on shape-only meta tensors (about the Python overhead of one call), falling back to one real
     forward pass on the model's device for models that cannot run on meta tensors.
     """
@@ -156,4 +133,4 @@ def format_flops(flops: float) -> str:
     return f"{flops:.0f} "
 
 
-__all__ = ["count_flops", "count_macs", "flop_counts", "format_flops", "model_input_size"]
+__all__ = ["count_flops", "count_macs", "flop_counts", "format_flops"]

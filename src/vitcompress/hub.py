@@ -1,4 +1,7 @@
-"""Talking to the Hugging Face hub without hanging when there is no network.
+"""Where models come from: the short names people type, and the Hugging Face hub without hanging.
+
+``ALIASES`` (short name -> timm name) and the built-in ``demo`` model's folder live here, in a
+module that imports neither torch nor timm, so that ``vitcompress models`` answers at once.
 
 huggingface_hub retries a failed request for about a minute before giving up. We probe the
 endpoint once (a few seconds at most) and, when it cannot be reached or the user set
@@ -12,8 +15,25 @@ import contextlib
 import functools
 import os
 import socket
+from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
+
+# The built-in demo model: timm's local format (config.json + model.safetensors) inside the package.
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+
+# Short names people type, mapped to timm's names.
+ALIASES: dict[str, str] = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "deit_base_distilled": "deit_base_distilled_patch16_224",
+    "deit3_small": "deit3_small_patch16_224",
+    "deit3_base": "deit3_base_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
 
 PROBE_TIMEOUT_S = 3.0
 _TRUE = {"1", "true", "yes", "on"}

@@ -21,22 +21,8 @@ from torch import nn
 
 from vitcompress._io import read_json
 from vitcompress.errors import ModelLoadError, UnsupportedModelError
-from vitcompress.hub import hub_mode, offline_reason
-
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
-DEMO_NAME = "demo"
-
-# Short names people type, mapped to timm's names.
-ALIASES: dict[str, str] = {
-    "deit_tiny": "deit_tiny_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_base": "deit_base_patch16_224",
-    "deit_base_distilled": "deit_base_distilled_patch16_224",
-    "deit3_small": "deit3_small_patch16_224",
-    "deit3_base": "deit3_base_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-}
+from vitcompress.geometry import check_supported  # the one support check (re-exported here)
+from vitcompress.hub import ALIASES, DEMO_DIR, DEMO_NAME, hub_mode, offline_reason
 
 # timm modules whose models are VisionTransformer (or a subclass such as DeiT's distilled one).
 _VIT_MODULES = {"vision_transformer", "deit"}
@@ -328,27 +314,7 @@ def resolve_data_config(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(cfg))  # tuples -> lists
 
 
-# ---- support ---------------------------------------------------------------------------------
-def check_supported(model: nn.Module, name: str = "model") -> None:
-    """Raise UnsupportedModelError with the reason unless this is a ViT we can compress."""
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
-    def refuse(why: str) -> None:
-        raise UnsupportedModelError(f"'{name}' is not supported: {why}")
-
-    if not isinstance(model, VisionTransformer):
-        refuse(f"it is a {type(model).__name__}, not a timm VisionTransformer")
-    if getattr(model, "global_pool", "token") == "map":
-        refuse("attention-pool heads (global_pool='map') are not supported; use 'token' or 'avg'")
-    if getattr(model, "dynamic_img_size", False):
-        refuse("dynamic_img_size=True changes the token count per input; create it with a fixed img_size")
-    if getattr(model.patch_embed, "grid_size", None) is None:
-        refuse("its patch embedding has no fixed grid")
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block or not isinstance(getattr(block, "attn", None), Attention):
-            refuse(f"block {i} is a {type(block).__name__}; only timm's standard Block with Attention is supported")
-
-
+# ---- geometry ------------------------------------------------------------------------------
 def model_info(model: nn.Module) -> ModelInfo:
     """Geometry of a supported ViT: tokens, prefix tokens, blocks, heads, data config."""
     check_supported(model)

@@ -8,13 +8,17 @@ everything needed to continue the run) and the exported ``model.safetensors``.
 
 Under ``torchrun`` every process runs ``compress``; rank 0 analyses and plans and sends the plan
 and attention means to the others, all processes fine-tune together, and rank 0 measures and writes.
+
+Messages go to ``log`` (default: printed on stderr). When ``log`` also has a
+``progress(done, total, text)`` method (the CLI's ``note`` has), the analysis and the fine-tuning
+report their progress through it. The exported file's ``speedup`` is ``timing.compare_speed``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,25 +28,22 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from vitcompress._io import OUTPUT_ROOT, model_slug, output_dir_for, read_json, write_json_atomic
-from vitcompress.bench import measure_interleaved
+from vitcompress._io import read_json, write_json_atomic
+from vitcompress.bench import evaluate_top1
+from vitcompress.data import load_train_val
+from vitcompress.data import random_subset as _random_subset  # the analysis / calibration sample
+from vitcompress.distributed import barrier, default_device, dist_info, init_distributed, share
 from vitcompress.errors import DataError, VitcompressError
-from vitcompress.finetune import FinetuneConfig, FinetuneResult, barrier, evaluate_top1, init_distributed
-from vitcompress.plan import Plan, parse_budget
+from vitcompress.finetune import FinetuneConfig, FinetuneResult
+from vitcompress.names import ANALYSIS_JSON, MODEL_FILE, OUTPUT_ROOT, PLAN_JSON, RUN_FILE, WORKDIR_NAME, model_slug, output_dir_for
+from vitcompress.plan_types import Plan, parse_budget
+from vitcompress.timing import compare_speed
 
-ANALYSIS_JSON = "analysis.json"
-PLAN_JSON = "plan.json"
-MODEL_FILE = "model.safetensors"
-WORKDIR_NAME = "finetune"
-RUN_FILE = "run.json"
 DEMO = "demo"
-# When a dataset has a single split, this share of it (at most HOLDOUT_MAX images) is held out for top-1.
-HOLDOUT_FRACTION = 0.1
-HOLDOUT_MAX = 2000
-VAL_PREFERENCE = ("test", "validation", "val", "valid")
 DEMO_EPOCHS = 5  # default fine-tuning length on the demo digits (1,438 training images)
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -93,96 +94,6 @@ def find_latest_workdir(root: str | Path = OUTPUT_ROOT) -> Optional[Path]:
 
 def _last_activity(workdir: Path) -> float:
     return max(p.stat().st_mtime for p in workdir.iterdir() if p.is_file())
-
-
-# ---- data ------------------------------------------------------------------------------------
-def load_train_val(
-    source: str,
-    data_config: dict[str, Any],
-    *,
-    split: Optional[str] = None,
-    val_split: Optional[str] = None,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    log: Log = print,
-) -> tuple[Any, Any]:
-    """The training split (``split``, default ``train``) and a held-out split for top-1
-    (``val_split``, default test/validation; with a single split, a fixed 10% of it is held out).
-
-    Both use the deterministic eval preprocessing: fine-tuning augments batches itself.
-    """
-    from vitcompress.data import SPLIT_PREFERENCE, load_data
-
-    columns = {"image_column": image_column, "label_column": label_column}
-    prefer = ("train",) + tuple(s for s in SPLIT_PREFERENCE if s != "train")
-    train = load_data(source, split=split, data_config=data_config, prefer=prefer, **columns)
-    if val_split is not None:
-        if val_split == train.split:
-            raise DataError(f"--val-split {val_split} is the training split: hold out another split")
-        return train, load_data(source, split=val_split, data_config=data_config, **columns)
-    others = [s for s in VAL_PREFERENCE if s in train.splits and s != train.split]
-    if others:
-        return train, load_data(source, split=others[0], data_config=data_config, **columns)
-    return _hold_out(train, log)
-
-
-def _hold_out(data: Any, log: Log) -> tuple[Any, Any]:
-    from torch.utils.data import Subset
-
-    n = len(data)
-    count = min(HOLDOUT_MAX, max(1, round(n * HOLDOUT_FRACTION)))
-    if n - count < 1:
-        raise DataError(f"--data {data.source}: {n} image(s) are too few to both train and evaluate")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    val_idx, train_idx = sorted(order[:count]), sorted(order[count:])
-    log(f"{data.source} has one split ('{data.split}'): holding out {count} of its {n} images for top-1")
-    train = dataclasses.replace(data, dataset=Subset(data.dataset, train_idx), split=f"{data.split}[holdout-rest]")
-    val = dataclasses.replace(data, dataset=Subset(data.dataset, val_idx), split=f"{data.split}[holdout]")
-    return train, val
-
-
-# ---- speed -----------------------------------------------------------------------------------
-@torch.inference_mode()
-def measure_speedup(
-    teacher: nn.Module,
-    student: nn.Module,
-    input_size: tuple[int, int, int],
-    *,
-    batch_size: int = 32,
-    rounds: Optional[int] = None,
-    seconds: float = 3.0,
-    device: Optional[torch.device | str] = None,
-) -> dict[str, Any]:
-    """Quick interleaved timing of ``teacher`` and ``student`` on one random batch.
-
-    Each round runs both back to back (alternating which goes first); the speed-up is the median
-    over rounds of teacher time / student time, so drift in machine load slower than one round
-    cancels. ``rounds`` defaults to what fits in about ``seconds`` (at least 10, at most 200).
-    ``vitcompress bench`` does the careful measurement.
-    """
-    device = torch.device(device) if device is not None else next(student.parameters()).device
-    x = torch.randn(batch_size, *input_size, device=device)
-    teacher.eval(), student.eval()
-    runners = {"teacher": lambda: teacher(x), "student": lambda: student(x)}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    if rounds is None:
-        first = measure_interleaved(runners, warmup=1, repeats=1, sync=sync)  # also warms up
-        one_round = sum(times[0] for times in first.values())
-        rounds = int(min(200, max(10, seconds / max(one_round, 1e-6))))
-    samples = measure_interleaved(runners, warmup=1, repeats=rounds, sync=sync)
-    ratios = sorted(t / s for t, s in zip(samples["teacher"], samples["student"]))
-    return {
-        "speedup": statistics.median(ratios),
-        "speedup_q25": ratios[len(ratios) // 4],
-        "speedup_q75": ratios[(3 * len(ratios)) // 4],
-        "teacher_ms": 1e3 * statistics.median(samples["teacher"]),
-        "student_ms": 1e3 * statistics.median(samples["student"]),
-        "batch_size": batch_size,
-        "rounds": rounds,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "method": "median over interleaved rounds of teacher/student batch latency",
-    }
 
 
 # ---- the pipeline ----------------------------------------------------------------------------
@@ -236,8 +147,22 @@ def _load_teacher(model_id: str, checkpoint: Optional[str], random_init: bool, s
     return load_model(model_id, checkpoint=checkpoint, random_init=random_init)
 
 
+@dataclass
+class PlanOptions:
+    """How ``compress`` plans: the method, the calibration images (from the training split) that
+    damage is measured on, and the deployment candidates are timed for."""
+
+    method: str = "dgssa-glad"
+    calibration_images: int = 256
+    measure_speed: bool = True
+    batch_size: int = 32
+    threads: Optional[int] = None
+    device: Optional[str] = None  # default: where the model is fine-tuned
+
+
 def _analysis_and_plan(
-    teacher: nn.Module, train: Any, inputs: _Inputs, budget: Any, plan: Any, calibrate: bool, samples: int, log: Log, progress: bool
+    teacher: nn.Module, train: Any, inputs: _Inputs, budget: Any, plan: Any, options: PlanOptions, samples: int,
+    log: Log, progress: bool,
 ) -> tuple[Plan, Optional[dict[int, torch.Tensor]], Optional[Path]]:
     """On rank 0: load or run the analysis, load or make the plan, save both."""
     from vitcompress.analyze import analyze, load_analysis, save_analysis
@@ -261,42 +186,34 @@ def _analysis_and_plan(
                          data_source=f"{inputs.data} [{train.split}]", progress=progress)
         analysis_path = save_analysis(result, inputs.out_dir)["json"]
         log(f"analysis written to {analysis_path}")
-    from vitcompress.plan import make_plan, save_plan
+    from vitcompress.plan import Deployment, budget_met, make_plan, plan_speedup, save_plan, unreachable_message
 
+    calibration = calibration_images(train, options.calibration_images)
+    deployment = Deployment(device=options.device or str(next(teacher.parameters()).device),
+                            batch_size=options.batch_size, threads=options.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an unreachable budget is reported below, on one line
-        made = make_plan(teacher, result, budget, calibrate=calibrate, log=log)
-    if not made.predicted.get("budget_met", True):
-        from vitcompress.plan import unreachable_message
-
+        made = make_plan(teacher, result, budget, method=options.method, calibration=calibration,
+                         attention_means=result.attention_means, deployment=deployment,
+                         measure_speed=options.measure_speed, log=log)
+    if not budget_met(made):
         log(f"warning: {unreachable_message(made)}")
     path = save_plan(made, inputs.out_dir / PLAN_JSON)
-    predicted = made.predicted.get("speedup")
-    log(f"plan written to {path}: static attention in blocks {made.static_layers}, token aggregation "
-        f"{[(r.before_block, r.scales) for r in made.reductions]}"
-        + (f", predicted speed-up {predicted:.2f}x" if isinstance(predicted, (int, float)) else ""))
+    kind = "measured" if made.measured.get("speedup") is not None else "predicted"
+    log(f"plan written to {path}: {made.describe()}, {kind} speed-up {plan_speedup(made):.2f}x")
     return made, result.attention_means, analysis_path
 
 
-def _random_subset(data: Any, count: int) -> Any:
-    """A fixed random subset (seed 0) of ``count`` images of an ``ImageData``."""
-    from torch.utils.data import Subset
+def calibration_images(train: Any, count: int) -> Optional[torch.Tensor]:
+    """A fixed random sample of the training split as one image batch (None for count 0)."""
+    if count <= 0:
+        return None
+    from vitcompress.data import iter_batches
 
-    if count >= len(data):
-        return data
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count].tolist()
-    return dataclasses.replace(data, dataset=Subset(data.dataset, sorted(order)))
-
-
-def _share(obj: Any) -> Any:
-    """Rank 0's value on every process (identity with one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    images = [batch for batch, _ in iter_batches(_random_subset(train, count), 64)]
+    if not images:
+        raise DataError(f"no readable images in {train.source} to calibrate the planner on")
+    return torch.cat(images)
 
 
 def compress(
@@ -316,6 +233,8 @@ def compress(
     force: bool = False,
     calibrate: bool = True,
     samples: int = 256,
+    planning: Optional[PlanOptions] = None,
+    tome_r: Optional[int] = None,
     checkpoint: Optional[str] = None,
     random_init: bool = False,
     out_root: str | Path = OUTPUT_ROOT,
@@ -336,10 +255,11 @@ def compress(
     from vitcompress.export import check_writable
 
     info = init_distributed()
+    progress = _progress_of(log, info.is_main)
     log = _rank0_log(log, info.is_main)
     cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()
     cfg.validate()
-    if plan is None:
+    if plan is None and tome_r is None:
         parse_budget(budget)  # a bad budget fails now, not after the analysis
     out_root = Path(out_root)
     inputs = _resolve_inputs(model, data, analysis, plan, out_root, log)
@@ -353,18 +273,28 @@ def compress(
         cfg.epochs = DEMO_EPOCHS  # 22 steps each: one epoch leaves accuracy on the table
     previous = _previous_run(cfg, finetune, log)
     if previous is not None:
-        return _continue(previous, cfg, output_path, force, measure_speed, log)
+        return _continue(previous, cfg, output_path, force, measure_speed, log, progress)
 
     teacher, spec = _load_teacher(inputs.model_id, checkpoint, random_init, cfg.seed)
     train, val = load_train_val(inputs.data, spec.data_config, split=split, val_split=val_split,
                                 image_column=image_column, label_column=label_column, log=log)
+    if tome_r is not None:
+        from vitcompress.plan import tome_plan
+
+        plan = tome_plan(teacher, tome_r)  # a fixed schedule: nothing to search
+        plan.budget = None
+        log(f"--tome-r {tome_r}: {plan.describe()}")
     if info.is_main:
+        options = dataclasses.replace(planning) if planning is not None else PlanOptions()
+        options.measure_speed = options.measure_speed and calibrate
+        if options.device is None and cfg.device is not None:
+            options.device = cfg.device  # time where the model will run
         plan_obj, means, analysis_path = _analysis_and_plan(
-            teacher, train, inputs, budget, plan, calibrate, samples, log, cfg.progress)
+            teacher, train, inputs, budget, plan, options, samples, log, progress if cfg.progress else None)
         shared = (plan_obj.to_dict(), means, str(analysis_path) if analysis_path else None)
     else:
         shared = None
-    plan_dict, means, analysis_str = _share(shared)
+    plan_dict, means, analysis_str = share(shared)
     plan_obj = Plan.from_dict(plan_dict)
     student = convert(teacher, plan_obj, means)
     run = {
@@ -374,7 +304,8 @@ def compress(
     }
     result = CompressResult(output_path, inputs.out_dir, inputs.model_id, plan_obj,
                             analysis_path=Path(analysis_str) if analysis_str else None)
-    return _train_measure_export(teacher, student, spec, train, val, run, cfg, finetune, result, force, measure_speed, log)
+    return _train_measure_export(teacher, student, spec, train, val, run, cfg, finetune, result, force, measure_speed, log,
+                                 progress)
 
 
 def _rank0_log(log: Optional[Log], is_main: bool) -> Log:
@@ -382,10 +313,14 @@ def _rank0_log(log: Optional[Log], is_main: bool) -> Log:
         return lambda message: None
     if log is not None:
         return log
-    from rich.console import Console
+    return lambda message: print(message, file=sys.stderr, flush=True)
 
-    console = Console(stderr=True)
-    return lambda message: console.print(message, highlight=False, soft_wrap=True)
+
+def _progress_of(log: Optional[Log], is_main: bool, progress: Optional[Progress] = None) -> Optional[Progress]:
+    """The progress callback: ``progress``, else ``log.progress`` if the log has one; rank 0 only."""
+    if not is_main:
+        return None
+    return progress if progress is not None else getattr(log, "progress", None)
 
 
 def _previous_run(cfg: FinetuneConfig, finetune: bool, log: Log) -> Optional[dict[str, Any]]:
@@ -401,10 +336,10 @@ def _previous_run(cfg: FinetuneConfig, finetune: bool, log: Log) -> Optional[dic
 
 def _train_measure_export(
     teacher: nn.Module, student: nn.Module, spec: Any, train: Any, val: Any, run: dict[str, Any], cfg: FinetuneConfig,
-    do_finetune: bool, result: CompressResult, force: bool, measure_speed: bool, log: Log,
+    do_finetune: bool, result: CompressResult, force: bool, measure_speed: bool, log: Log, progress: Optional[Progress] = None,
 ) -> CompressResult:
     from vitcompress.export import export
-    from vitcompress.finetune import default_device, dist_info, finetune
+    from vitcompress.finetune import finetune
 
     info = dist_info()
     device = torch.device(cfg.device) if cfg.device else default_device(info)
@@ -424,7 +359,7 @@ def _train_measure_export(
         result.workdir = Path(cfg.workdir)  # type: ignore[arg-type]
         if info.is_main:
             write_json_atomic(result.workdir / RUN_FILE, {**run, "config": cfg.to_dict(), "output": str(result.output)})
-        result.finetune = finetune(student, teacher, train, val, cfg, log=log)
+        result.finetune = finetune(student, teacher, train, val, cfg, log=log, progress=progress if cfg.progress else None)
         if result.finetune.val_top1 is not None:
             result.student_top1 = result.finetune.val_top1
     if info.is_main:
@@ -436,12 +371,12 @@ def _train_measure_export(
 
 def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: dict[str, Any], cfg: FinetuneConfig,
                         result: CompressResult, force: bool, measure_speed: bool, device: torch.device, log: Log, export: Any) -> None:
-    from vitcompress.export import input_size_of
+    from vitcompress.geometry import input_size as geometry_input_size
 
     student.eval()
-    input_size = input_size_of(student, {"data_config": spec.data_config})
+    input_size = geometry_input_size(student, spec.data_config)
     if measure_speed:
-        result.speedup = measure_speedup(teacher, student, input_size, device=device)
+        result.speedup = compare_speed(teacher, student, input_size, device=device).to_dict()
         log(f"speed-up {result.speedup['speedup']:.2f}x (batch {result.speedup.get('batch_size')}, "
             f"{result.speedup.get('threads')} threads, {result.speedup.get('device')})")
     metadata = {
@@ -474,15 +409,18 @@ def continue_finetune(
     out_root: str | Path = OUTPUT_ROOT,
     measure_speed: bool = True,
     log: Optional[Log] = None,
+    progress: Optional[Progress] = None,
 ) -> CompressResult:
     """Continue the fine-tuning run in ``workdir`` (default: the newest one under ``out_root``)
     from its last checkpoint, then export.
 
     ``overrides`` changes ``FinetuneConfig`` fields of the run, e.g. ``{"epochs": 3}`` to train
     longer (giving ``epochs`` drops the run's ``steps`` and the reverse). The output defaults to
-    the run's own output, which is only replaced with ``force``.
+    the run's own output, which is only replaced with ``force``. ``progress(step, total, text)``
+    (default: ``log.progress`` if the log has one) follows the fine-tuning.
     """
     info = init_distributed()
+    progress = _progress_of(log, info.is_main, progress)
     log = _rank0_log(log, info.is_main)
     folder = Path(workdir) if workdir is not None else find_latest_workdir(out_root)
     if folder is None:
@@ -502,7 +440,7 @@ def continue_finetune(
     from vitcompress.export import check_writable
 
     check_writable(output_path, force)
-    return _continue(run, cfg, output_path, force, measure_speed, log)
+    return _continue(run, cfg, output_path, force, measure_speed, log, progress)
 
 
 def _length_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -515,7 +453,8 @@ def _length_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _continue(run: dict[str, Any], cfg: FinetuneConfig, output: Path, force: bool, measure_speed: bool, log: Log) -> CompressResult:
+def _continue(run: dict[str, Any], cfg: FinetuneConfig, output: Path, force: bool, measure_speed: bool, log: Log,
+              progress: Optional[Progress] = None) -> CompressResult:
     from vitcompress.convert import convert
     from vitcompress.finetune import checkpoint_path
 
@@ -534,7 +473,8 @@ def _continue(run: dict[str, Any], cfg: FinetuneConfig, output: Path, force: boo
                                 image_column=run.get("image_column"), label_column=run.get("label_column"), log=log)
     analysis = run.get("analysis")
     result = CompressResult(output, output.parent, run["model"], plan, analysis_path=Path(analysis) if analysis else None)
-    return _train_measure_export(teacher, student, spec, train, val, run, cfg, True, result, force, measure_speed, log)
+    return _train_measure_export(teacher, student, spec, train, val, run, cfg, True, result, force, measure_speed, log,
+                                 progress)
 
 
 __all__ = [
@@ -544,8 +484,6 @@ __all__ = [
     "continue_finetune",
     "find_latest_analysis",
     "find_latest_workdir",
-    "load_train_val",
-    "measure_speedup",
     "model_slug",
     "output_dir_for",
 ]

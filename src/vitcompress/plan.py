@@ -1,154 +1,57 @@
-"""A compression plan: which blocks get static attention, where tokens are aggregated.
+"""The planner: what to compress so that the measured speed-up meets a budget at the least
+measured damage.
 
-A plan is plain data (JSON). It is stored in the exported checkpoint's metadata so that
-`vitcompress.load(path)` can rebuild the compressed model with no network.
-Block indices always refer to the original model's `blocks[i]`.
+``make_plan`` searches one space for every method (``--method``):
 
-``make_plan`` is the budget planner; see its docstring for how it searches and chooses.
+* ``dgssa``: static attention (DGSSA) in a set of blocks;
+* ``glad``: one or two token-aggregation stages (GLAD: block position and pyramid scales);
+* ``dgssa-glad`` (the default): static blocks before the first aggregation stage, plus the stages;
+* ``tome``: token merging, r tokens merged in every block (a constant or decreasing schedule);
+* ``auto``: all of the above, keeping whatever measures best.
+
+Damage is measured, in one unit (``vitcompress.damage``: KL of the class distributions against the
+original on calibration images from the training split). Every single change (one static layer,
+one GLAD stage) is measured once from cached block inputs; a candidate's damage is first estimated
+as the sum of its parts, and the few candidates that could be chosen are then measured whole.
+Speed is measured the one way (``vitcompress.timing.compare_speed``), on the stated deployment
+(device, batch size, threads): a candidate's speed-up is predicted from FLOPs, corrected by the
+measured/FLOP ratio of the nearest timed candidate of the same kind, and every plan that could be
+chosen is timed whole before it is. The plan kept is the least damaging candidate whose measured
+speed-up meets the budget (within ``MEASURED_TOLERANCE``, the noise of a short timing).
+
+Without calibration images damage falls back to a proxy read from the analysis (attention
+similarity and rank); without timing (``measure_speed=False``) speed falls back to FLOPs. The plan
+says which.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from vitcompress._io import read_json, write_json_atomic
+import torch
+from torch import nn
+
+from vitcompress.cost import ModelGeometry, base_flops, flop_speedup, model_geometry, plan_flops, plan_layout, plan_params
+from vitcompress.damage import Damage, DamageMeter
 from vitcompress.errors import VitcompressError
+from vitcompress.geometry import check_supported, input_size
+from vitcompress.plan_types import (  # re-exported: the plan types live in plan_types
+    BUDGET_FORMS,
+    DEFAULT_METHOD,
+    METHODS,
+    PLAN_VERSION,
+    Budget,
+    Plan,
+    Reduction,
+    load_plan,
+    parse_budget,
+    save_plan,
+)
+from vitcompress.timing import SpeedComparison, compare_speed
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from vitcompress.cost import LatencyModel, ModelGeometry
-
-PLAN_VERSION = 1
-
-
-@dataclass
-class Reduction:
-    """A GLAD stage inserted before block `before_block`.
-
-    `scales` are the side lengths of the square grids of the aggregation pyramid, largest first:
-    `[7, 3, 1]` turns the patch tokens into 49 + 9 + 1 = 59 tokens. Prefix tokens are kept.
-    """
-
-    before_block: int
-    scales: list[int]
-
-    @property
-    def keep_tokens(self) -> int:
-        """Patch-token count after this stage (prefix tokens not included)."""
-        return sum(s * s for s in self.scales)
-
-
-@dataclass
-class Plan:
-    static_layers: list[int] = field(default_factory=list)
-    reductions: list[Reduction] = field(default_factory=list)
-    num_blocks: int = 0
-    num_prefix_tokens: int = 1
-    grid: tuple[int, int] = (14, 14)
-    budget: str | None = None
-    # What the planner predicted (FLOPs, latency, speed-up); filled by the planner, informative only.
-    predicted: dict[str, Any] = field(default_factory=dict)
-    version: int = PLAN_VERSION
-
-    def block_kinds(self) -> list[str]:
-        """'static' or 'dynamic' for each block."""
-        static = set(self.static_layers)
-        return ["static" if i in static else "dynamic" for i in range(self.num_blocks)]
-
-    def tokens_per_block(self) -> list[int]:
-        """Token count (prefix included) that each block runs on under this plan."""
-        patch_tokens = self.grid[0] * self.grid[1]
-        stages = {r.before_block: r.keep_tokens for r in self.reductions}
-        tokens = []
-        for i in range(self.num_blocks):
-            patch_tokens = stages.get(i, patch_tokens)
-            tokens.append(self.num_prefix_tokens + patch_tokens)
-        return tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        if not isinstance(d, dict) or "static_layers" not in d:
-            raise VitcompressError("not a vitcompress plan: expected a JSON object with 'static_layers'")
-        if int(d.get("version", 1)) > PLAN_VERSION:
-            raise VitcompressError(
-                f"plan format version {d['version']} is newer than this vitcompress understands "
-                f"({PLAN_VERSION}): upgrade vitcompress"
-            )
-        return cls(
-            static_layers=[int(i) for i in d.get("static_layers", [])],
-            reductions=[Reduction(int(r["before_block"]), [int(s) for s in r["scales"]]) for r in d.get("reductions", [])],
-            num_blocks=int(d.get("num_blocks", 0)),
-            num_prefix_tokens=int(d.get("num_prefix_tokens", 1)),
-            grid=tuple(int(g) for g in d.get("grid", (14, 14))),  # type: ignore[arg-type]
-            budget=d.get("budget"),
-            predicted=dict(d.get("predicted", {})),
-            version=int(d.get("version", PLAN_VERSION)),
-        )
-
-
-# ---- files -----------------------------------------------------------------------------------
-PLAN_JSON = "plan.json"
-
-
-def save_plan(plan: Plan, path: Union[str, os.PathLike]) -> Path:
-    """Write ``plan`` as JSON, atomically; ``path`` is a file or a folder (then ``plan.json`` in it)."""
-    target = Path(path)
-    if target.is_dir():
-        target = target / PLAN_JSON
-    write_json_atomic(target, plan.to_dict())
-    return target
-
-
-def load_plan(path: Union[str, os.PathLike]) -> Plan:
-    """Read a plan written by ``save_plan`` (a file, or a folder holding ``plan.json``)."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / PLAN_JSON
-    if not source.is_file():
-        raise VitcompressError(f"no plan at {source}: make one with `vitcompress plan MODEL --budget 2x`")
-    data = read_json(source, "make the plan again with `vitcompress plan`")
-    try:
-        return Plan.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise VitcompressError(f"{source} is not a readable plan ({type(exc).__name__}: {exc}): make it again with `vitcompress plan`") from None
-
-
-# ---- budgets ---------------------------------------------------------------------------------
-BUDGET_FORMS = "a speed-up such as 2x or 1.5x, or a share of the original cost such as 50%"
-_BUDGET_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*([xX%])\s*$")
-
-
-def parse_budget(budget: Union[str, float, int]) -> float:
-    """The target speed-up of a budget: ``"2x"`` -> 2.0, ``"1.5X"`` -> 1.5, ``"50%"`` (of the
-    original cost) -> 2.0; a number is taken as a speed-up. It must be above 1x."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        value, text = float(budget), f"{budget:g}x"
-    elif isinstance(budget, str):
-        match = _BUDGET_RE.match(budget)
-        if match is None:
-            raise VitcompressError(f"budget {budget!r} is not understood: give {BUDGET_FORMS}")
-        number, unit = float(match.group(1)), match.group(2)
-        if unit == "%" and not 0 < number < 100:
-            raise VitcompressError(f"budget {budget!r}: a share of the original cost must be between 0% and 100% (e.g. 50%)")
-        value, text = (100.0 / number if unit == "%" else number), budget.strip()
-    else:
-        raise VitcompressError(f"budget {budget!r} is not understood: give {BUDGET_FORMS}")
-    if not math.isfinite(value) or value <= 1.0:
-        raise VitcompressError(f"budget {text} is not a speed-up: ask for more than 1x (e.g. 1.5x, 2x or 50%)")
-    return value
-
+Log = Callable[[str], None]
 
 # ---- what the analysis says about each layer --------------------------------------------------
 # Added to the damage of a static layer the analysis does not recommend for static attention, so
@@ -266,433 +169,397 @@ def _stage_options(geom: "ModelGeometry", max_stages: int) -> list[Stages]:
     return options
 
 
-# ---- search ----------------------------------------------------------------------------------
-CostFn = Callable[[int, str, int], float]  # (block index, kind, tokens) -> cost
-GladCostFn = Callable[[tuple[int, ...], tuple[tuple[int, int], ...]], float]
 
 
-@dataclass(frozen=True)
-class _Scored:
-    cost: float
-    damage: float
-    static_count: int
-    stages: Stages
-    exact: bool = True  # False: the cost uses fitted (untimed) latencies
+# ---- candidates ------------------------------------------------------------------------------
+FAMILIES = {
+    "dgssa": ("dgssa",),
+    "glad": ("glad",),
+    "dgssa-glad": ("dgssa", "glad", "dgssa-glad"),
+    "tome": ("tome",),
+    "auto": ("dgssa", "glad", "dgssa-glad", "tome"),
+}
+TOME_SCHEDULES = ("constant", "decreasing")
+
+Part = tuple  # ("static", block) | ("glad", before_block, scales) | ("tome", schedule kind): the whole plan
 
 
-class _Search:
-    """Evaluates every candidate (static-layer count x reduction layout) in O(1) with prefix sums."""
+@dataclass
+class Candidate:
+    """One plan the planner considers, with what it knows of it so far."""
 
-    def __init__(self, geom: "ModelGeometry", scores: Sequence[LayerScore], options: Sequence[Stages]) -> None:
-        self.geom, self.scores, self.options = geom, list(scores), list(options)
-        depth = geom.depth
-        # Static layers are taken in order of least damage (then depth); only blocks before the
-        # first reduction qualify, because static attention is initialised on the original tokens.
-        self.order = sorted(range(depth), key=lambda i: (static_damage(self.scores[i]), i))
-        self.eligible = {limit: [i for i in self.order if i < limit] for limit in range(depth + 1)}
-        self._static_damage = {
-            limit: _cumsum(static_damage(self.scores[i]) for i in self.eligible[limit]) for limit in range(depth + 1)
-        }
-        self._reduce_damage: dict[int, list[float]] = {}
+    plan: Plan
+    family: str  # dgssa, glad, dgssa-glad or tome
+    flop_speedup: float
+    parts: tuple[Part, ...]  # the single changes its damage estimate adds up
+    estimate: Optional[float] = None  # damage: sum of the parts' (or the proxy)
+    damage: Optional[Damage] = None  # damage measured on the whole plan
+    speed: Optional[SpeedComparison] = None  # speed-up measured on the whole plan
 
-    def static_layers(self, count: int, stages: Stages) -> list[int]:
-        return sorted(self.eligible[self._limit(stages)][:count])
-
-    def _limit(self, stages: Stages) -> int:
-        return stages[0][0] if stages else self.geom.depth
-
-    def _reduce_prefix(self, keep: int) -> list[float]:
-        if keep not in self._reduce_damage:
-            kept = keep / self.geom.num_patches
-            self._reduce_damage[keep] = _cumsum(reduce_damage(s, kept) for s in self.scores)
-        return self._reduce_damage[keep]
-
-    def score_all(
-        self, block_cost: CostFn, glad_cost: GladCostFn, fixed: float, exact: Callable[[Stages], bool] = lambda _: True
-    ) -> list[_Scored]:
-        geom, depth, full = self.geom, self.geom.depth, self.geom.num_tokens
-        dyn_prefix: dict[int, list[float]] = {}
-
-        def dyn(n: int, lo: int, hi: int) -> float:
-            if n not in dyn_prefix:
-                dyn_prefix[n] = _cumsum(block_cost(i, "dynamic", n) for i in range(depth))
-            return dyn_prefix[n][hi] - dyn_prefix[n][lo]
-
-        savings = {
-            limit: _cumsum(block_cost(i, "dynamic", full) - block_cost(i, "static", full) for i in self.eligible[limit])
-            for limit in range(depth + 1)
-        }
-        scored = []
-        for stages in self.options:
-            limit = self._limit(stages)
-            cost, damage = fixed + dyn(full, 0, limit), 0.0
-            in_grids: tuple[tuple[int, int], ...] = (geom.grid,)
-            for k, (p, scales) in enumerate(stages):
-                end = stages[k + 1][0] if k + 1 < len(stages) else depth
-                keep = sum(s * s for s in scales)
-                cost += glad_cost(scales, in_grids) + dyn(geom.num_prefix_tokens + keep, p, end)
-                reduce_prefix = self._reduce_prefix(keep)
-                damage += reduce_prefix[end] - reduce_prefix[p]
-                in_grids = tuple((s, s) for s in scales)
-            is_exact = exact(stages)
-            for count in range(len(self.eligible[limit]) + 1):
-                if count == 0 and not stages:
-                    continue  # the unchanged model is not a plan
-                scored.append(_Scored(
-                    cost - savings[limit][count], damage + self._static_damage[limit][count], count, stages, is_exact))
-        return scored
+    @property
+    def key(self) -> tuple:
+        p = self.plan
+        return (tuple(p.static_layers), tuple((r.before_block, tuple(r.scales)) for r in p.reductions), tuple(p.merges()))
 
 
-def _cumsum(values: Iterator[float] | Sequence[float]) -> list[float]:
-    out = [0.0]
-    for v in values:
-        out.append(out[-1] + v)
+def _plan(geom: ModelGeometry, method: str, static: Sequence[int] = (), stages: Stages = (), merges: Sequence[int] = ()) -> Plan:
+    return Plan(
+        static_layers=sorted(int(i) for i in static),
+        reductions=[Reduction(int(p), [int(s) for s in scales]) for p, scales in stages],
+        num_blocks=geom.depth, num_prefix_tokens=geom.num_prefix_tokens, grid=geom.grid,
+        merge_r=[int(r) for r in merges] if any(merges) else [], method=method,
+    )
+
+
+def _candidates(geom: ModelGeometry, method: str, static_order: Sequence[int], max_stages: int) -> list[Candidate]:
+    """Every plan of ``method``'s families. Static layers are taken in ``static_order`` (least
+    damaging first) among the blocks before the first aggregation stage (static attention starts
+    from the mean attention measured on the original tokens)."""
+    families = FAMILIES[method]
+    out: list[Candidate] = []
+    if any(f != "tome" for f in families):
+        for stages in _stage_options(geom, max_stages if "glad" in families or "dgssa-glad" in families else 0):
+            limit = stages[0][0] if stages else geom.depth
+            eligible = [i for i in static_order if i < limit]
+            for count in range(len(eligible) + 1):
+                family = _family(count, stages)
+                if family is None or family not in families:
+                    continue
+                static = eligible[:count]
+                parts = tuple(("static", i) for i in sorted(static)) + tuple(("glad", p, sc) for p, sc in stages)
+                out.append(_candidate(geom, _plan(geom, method, static, stages), family, parts))
+    if "tome" in families:
+        out.extend(_candidate(geom, _plan(geom, method, merges=m), "tome", (("tome", kind),)) for kind, m in _tome_schedules(geom))
     return out
 
 
-def _choose(scored: Sequence[_Scored], base_cost: float, target: float) -> tuple[_Scored, bool]:
-    """The least damaging candidate that meets ``target``; ties: the least aggressive (highest
-    cost), then fewer static layers, then later reductions. Else the fastest (then least damaging).
+def _family(static_count: int, stages: Stages) -> Optional[str]:
+    if static_count and stages:
+        return "dgssa-glad"
+    return "dgssa" if static_count else ("glad" if stages else None)
 
-    A candidate whose cost rests on fitted latencies must beat the target by ``FIT_MARGIN``: fits
-    are a few percent off, and a candidate that only just meets the budget on a fit would, once
-    timed, often miss it, sending the calibration from one such candidate to the next.
-    """
-    def meets(c: _Scored) -> bool:
-        return base_cost / c.cost >= target * (1 - 1e-9) * (1.0 if c.exact else 1.0 + FIT_MARGIN)
 
-    feasible = [c for c in scored if meets(c)]
-    if feasible:
-        best = min(feasible, key=lambda c: (round(c.damage, 9), -c.cost, c.static_count, [-p for p, _ in c.stages]))
-        return best, True
-    return min(scored, key=lambda c: (c.cost, round(c.damage, 9), c.static_count)), False
+def _candidate(geom: ModelGeometry, plan: Plan, family: str, parts: tuple[Part, ...]) -> Candidate:
+    return Candidate(plan, family, flop_speedup(geom, plan), parts)
+
+
+def _tome_schedules(geom: ModelGeometry) -> Iterator[tuple[str, list[int]]]:
+    """Token-merging schedules (kind, r per block), constant or decreasing, for every r that still merges more."""
+    from vitcompress.modules.tome import r_schedule
+
+    seen: set[tuple[int, ...]] = set()
+    for kind in TOME_SCHEDULES:
+        for r in range(1, geom.num_patches):
+            schedule = tuple(r_schedule(geom.depth, r, geom.num_tokens, geom.num_prefix_tokens, kind=kind))
+            if schedule in seen:
+                break  # clipping leaves nothing more to merge
+            seen.add(schedule)
+            yield kind, list(schedule)
+
+
+# ---- damage ----------------------------------------------------------------------------------
+class _Damages:
+    """Damage estimates and measurements, memoised: measured parts when there are calibration
+    images, else the analysis proxy.
+
+    Token merging has no single-change parts: an unmeasured schedule's estimate is a lower bound,
+    the largest damage measured on a schedule of the same kind that merges less (damage grows with
+    r), 0 before any. The search then measures whole only the schedules that could win (the least
+    merging one that meets the budget, per kind) instead of every one."""
+
+    def __init__(self, geom: ModelGeometry, meter: Optional[DamageMeter], scores: Sequence[LayerScore]) -> None:
+        self.geom, self.meter, self.scores = geom, meter, list(scores)
+        self.parts: dict[Part, Damage] = {}
+        self.merging: dict[str, list[Candidate]] = {}  # measured token-merging candidates per schedule kind
+
+    def part(self, part: Part, method: str) -> Damage:
+        if part not in self.parts:
+            kind = part[0]
+            plan = _plan(self.geom, method, static=[part[1]]) if kind == "static" else _plan(self.geom, method, stages=((part[1], part[2]),))
+            self.parts[part] = self.meter.from_block(plan, part[1])  # type: ignore[union-attr]
+        return self.parts[part]
+
+    def estimate(self, c: Candidate) -> float:
+        if self.meter is not None and c.parts[0][0] == "tome":
+            if c.damage is not None:
+                return c.damage.kl
+            same = self.merging.get(c.parts[0][1], [])
+            return max((t.damage.kl for t in same if t.flop_speedup <= c.flop_speedup), default=0.0)  # type: ignore[union-attr]
+        if c.estimate is None:
+            if self.meter is None:
+                c.estimate = plan_damage(c.plan, self.scores)
+            else:
+                c.estimate = sum(self.part(p, c.plan.method).kl for p in c.parts)
+        return c.estimate
+
+    def whole(self, c: Candidate) -> Damage:
+        if c.damage is None:
+            c.damage = self.meter.whole(c.plan)  # type: ignore[union-attr]
+            if c.parts[0][0] == "tome":
+                self.merging.setdefault(c.parts[0][1], []).append(c)
+        return c.damage
+
+    def best_known(self, c: Candidate) -> float:
+        """The measured whole damage when there is one, else the estimate."""
+        return c.damage.kl if c.damage is not None else self.estimate(c)
+
+
+# ---- speed -----------------------------------------------------------------------------------
+@dataclass
+class Deployment:
+    """Where the compressed model will run, which the planner times for."""
+
+    device: str = "cpu"
+    batch_size: int = 32
+    threads: Optional[int] = None
+    seconds: float = 1.5  # per timed candidate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads or torch.get_num_threads()}
+
+
+class _Speeds:
+    """Measured speed-ups of whole candidates, and predictions for the untimed ones."""
+
+    def __init__(self, model: nn.Module, deployment: Optional[Deployment], means: Optional[Mapping[int, torch.Tensor]]) -> None:
+        self.deployment, self.means = deployment, means
+        self.timed: list[Candidate] = []
+        if deployment is not None:
+            self.model = model.to(deployment.device).eval()
+            self.size = input_size(model)
+
+    def predict(self, c: Candidate) -> float:
+        if c.speed is not None:
+            return c.speed.speedup
+        return _corrected(c, self.timed)
+
+    def time(self, c: Candidate) -> SpeedComparison:
+        from vitcompress.convert import convert
+
+        d = self.deployment
+        assert d is not None
+        student = convert(self.model, c.plan, self.means).eval()
+        c.speed = compare_speed(self.model, student, self.size, batch_size=d.batch_size, threads=d.threads,
+                                device=d.device, seconds=d.seconds)
+        self.timed.append(c)
+        return c.speed
 
 
 # ---- the planner -----------------------------------------------------------------------------
-MAX_CALIBRATION_ROUNDS = 6
-FIT_MARGIN = 0.05
-PROBE_TOKEN_COUNTS = 4
-MAX_REPLANS = 2  # re-searches after a verification that falls short of the budget
-VERIFY_ROUNDS = 3  # interleaved rounds when timing a converted model against the original
+# A measured speed-up comes from a short timing with a few percent of noise: a plan that measures
+# within this fraction of the budget counts as meeting it, so the verdict does not flip run to run.
+MEASURED_TOLERANCE = 0.03
+MAX_TIMED = 8  # whole candidates timed at most
+MAX_WHOLE = 24  # whole candidates' damage measured at most
+DEFAULT_CALIBRATION_IMAGES = 256
 
 
 def make_plan(
-    model: "nn.Module",
+    model: nn.Module,
     analysis: Any = None,
-    budget: Union[str, float] = "2x",
-    calibrate: bool = True,
-    batch_size: int = 32,
-    device: Optional[str] = None,
-    threads: Optional[int] = None,
+    budget: Union[str, float, Budget] = "2x",
     *,
+    method: str = DEFAULT_METHOD,
+    calibration: Optional[torch.Tensor] = None,
+    attention_means: Optional[Mapping[int, torch.Tensor]] = None,
+    deployment: Optional[Deployment] = None,
+    measure_speed: bool = True,
     max_stages: int = 2,
-    verify: bool = True,
-    log: Optional[Callable[[str], None]] = None,
+    log: Optional[Log] = None,
 ) -> Plan:
-    """Choose static layers and token reductions so that the predicted speed-up meets ``budget``.
+    """Choose a plan for ``model`` (a stock timm ViT) that meets ``budget`` at the least damage.
 
-    Candidates: ``s`` static (DGSSA) layers, taken in order of least damage among the blocks
-    before the first reduction (with an analysis: highest similarity first, and layers the
-    analysis does not recommend for static attention last; without one: depth order), times
-    0, 1 or 2 GLAD stages (any block position, pyramid scales from ``scale_menu``). Each candidate's
-    cost is predicted by ``vitcompress.cost``: latency on ``device`` with ``threads`` threads at
-    ``batch_size`` when ``calibrate`` (parts of the model are timed, a few seconds), else FLOPs.
-    Among candidates whose predicted speed-up meets the budget the planner takes the one with the
-    least damage (``plan_damage``), then the least aggressive. If none does, it returns the fastest
-    candidate with ``predicted["budget_met"] = False`` and a warning. With calibration, the token
-    counts the chosen plan uses are then timed exactly and the choice is repeated until it only
-    uses timed cases, so its predicted latency comes from measurements, not from the fit.
-
-    Verification (``calibrate`` and ``verify``, the default): the chosen plan is applied
-    (``convert``) and the converted model is timed against the original, interleaved, on the same
-    device, threads and batch size (``VERIFY_ROUNDS`` rounds, median of the per-round ratios).
-    Timing parts in isolation and adding them up can overpredict, most on small models (per-call
-    overheads). If the measured speed-up falls short of the budget, the latency model's predicted
-    speed-ups are corrected by one factor, measured / predicted of the plan just timed (every
-    candidate's predicted speed-up is multiplied by it, i.e. the search runs against
-    ``budget / factor``), and the search runs again, at most ``MAX_REPLANS`` times (stopping early
-    when it picks a plan already timed). Of the plans timed, the least damaging one whose measured
-    speed-up meets the budget is kept, else the one measured fastest.
-    ``predicted["speedup"]``, the figure the plan is judged on (``budget_met``), is then the
-    measured speed-up (also in ``measured_speedup``, with ``verified: True`` and
-    ``speedup_source: "measured"``); ``latency_speedup`` keeps the latency model's own prediction,
-    ``speedup_correction`` their ratio and ``verification`` every plan timed. Without
-    verification ``speedup`` is the latency prediction (``calibrate``) or the FLOP speed-up, with
-    ``verified: False`` and ``measured_speedup: None``.
-
-    ``analysis``: an ``Analysis`` of this model (``vitcompress.analyze``), or None.
-    ``plan.predicted`` records FLOPs, parameters, speed-ups, per-block tokens/kinds/costs and how
-    the prediction was made.
+    Args:
+        analysis: an ``Analysis`` of this model (used for the proxy without calibration images,
+            and recorded), or None.
+        method: one of ``METHODS`` (see the module docstring).
+        calibration: images [N, C, H, W] from the training split to measure damage on (None: the
+            analysis proxy).
+        attention_means: ``{block: [H, N, N]}`` mean attention (static layers start from it, as in
+            ``convert``); without it static layers start uniform, and their measured damage says so.
+        deployment: device, batch size and threads to time on (default: CPU, batch 32, torch's threads).
+        measure_speed: time candidates (default) or predict from FLOPs alone.
     """
-    from vitcompress.cost import LatencyModel, model_geometry
-    from vitcompress.models import check_supported
-
     check_supported(model)
-    target = parse_budget(budget)
-    budget_text = budget if isinstance(budget, str) else f"{budget:g}x"
+    target = Budget.parse(budget)
+    if method not in METHODS:
+        raise VitcompressError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     say = log or (lambda message: None)
+    model = model.eval()
     geom = model_geometry(model)
     scores, selection = layer_scores(analysis, geom.depth, geom.num_tokens)
-    search = _Search(geom, scores, _stage_options(geom, max_stages))
-    lat: Optional[LatencyModel] = None
-    if calibrate:
-        probes = _probe_token_counts(search.options, geom.num_prefix_tokens)
-        say(f"timing the model's parts on {device or _model_device(model)} (batch {batch_size}) to calibrate the cost model")
-        lat = LatencyModel.calibrate(
-            model, batch_size=batch_size, device=device, threads=threads, token_counts=probes,
-            glads=_probe_glads(search.options, geom.grid),
-        )
-        choice = _calibrated_choice(search, geom, lat, target)
-        say(f"calibration took {lat.seconds_spent:.1f} s ({lat.threads} threads)")
-    else:
-        choice, _ = _choose_with(search, geom, None, target)
-    trials: list[dict[str, Any]] = []
-    if lat is not None and verify:
-        choice, trials = _verify(model, search, geom, lat, target, choice, say)
-    plan = _to_plan(search, geom, choice)
-    plan.budget = budget_text
-    plan.predicted = predict(model, plan, latency=lat, scores=scores, geometry=geom)
-    if trials:
-        measured = next(t["measured_speedup"] for t in trials if t["chosen"])
-        plan.predicted.update({
-            "speedup": measured,
-            "measured_speedup": measured,
-            "verified": True,
-            "speedup_source": "measured",
-            "speedup_correction": measured / plan.predicted["latency_speedup"],
-            "verification": trials,
-        })
-    else:
-        plan.predicted.update({
-            "measured_speedup": None,
-            "verified": False,
-            "speedup_source": "latency" if lat is not None else "flops",
-        })
-    plan.predicted.update({
-        "target_speedup": target,
-        "budget_met": _meets(plan.predicted["speedup"], target, measured=bool(trials)),
-        "selection": selection,
-        "candidates": len(search.options),
-        "batch_size": batch_size,
-        "device": lat.device if lat else str(device or _model_device(model)),
-        "threads": lat.threads if lat else (threads or _torch_threads()),
-    })
-    if not plan.predicted["budget_met"]:
-        warnings.warn(unreachable_message(plan), stacklevel=2)
-    return plan
+    meter = None
+    if calibration is not None:
+        say(f"measuring damage on {calibration.shape[0]} calibration images")
+        meter = DamageMeter(model, calibration, attention_means)
+    damages = _Damages(geom, meter, scores)
+    static_order = _static_order(geom, damages, scores, method)
+    candidates = _candidates(geom, method, static_order, max_stages)
+    if not candidates:
+        raise VitcompressError(f"method {method} has no candidate plans for this model")
+    deployment = deployment or Deployment()
+    speeds = _Speeds(model, deployment if measure_speed else None, attention_means)
+    say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
+        if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
+    chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
+    return _record(geom, chosen, candidates, damages, speeds, target, deployment if measure_speed else None, selection, meter)
 
 
-def _calibrated_choice(search: _Search, geom: "ModelGeometry", lat: "LatencyModel", target: float) -> _Scored:
-    """Choose with the latency model, timing the choice's own cases until it rests on timed ones."""
-    from vitcompress.cost import plan_layout
-
-    for _ in range(MAX_CALIBRATION_ROUNDS):
-        choice, _ = _choose_with(search, geom, lat, target)
-        if choice.exact:
-            return choice
-        lat.ensure(plan_layout(geom, _to_plan(search, geom, choice)))  # time its own cases, choose again
-    # not settled: choose among the candidates whose every case has been timed
-    choice, _ = _choose_with(search, geom, lat, target, timed_only=True)
-    return choice
+def _static_order(geom: ModelGeometry, damages: _Damages, scores: Sequence[LayerScore], method: str) -> list[int]:
+    """Blocks in the order static attention would be given to them: least damaging first."""
+    if "dgssa" not in FAMILIES[method]:
+        return []
+    if damages.meter is not None:
+        return sorted(range(geom.depth), key=lambda i: (damages.part(("static", i), method).kl, i))
+    return sorted(range(geom.depth), key=lambda i: (static_damage(scores[i]), i))
 
 
-def _latency_speedup(lat: "LatencyModel", geom: "ModelGeometry", plan: Plan) -> float:
-    """The latency model's predicted speed-up of ``plan`` (its cases timed first)."""
-    from vitcompress.cost import plan_layout
+def _search(
+    candidates: list[Candidate], damages: _Damages, speeds: _Speeds, target: float, timed: bool, measured: bool, say: Log,
+) -> Candidate:
+    """Measure the candidate that currently looks best until the best is measured both ways."""
+    for _ in range(MAX_TIMED + MAX_WHOLE + 1):
+        feasible = [c for c in candidates if _meets(speeds.predict(c), target, c.speed is not None)]
+        if not feasible:
+            break
+        best = min(feasible, key=lambda c: (round(damages.best_known(c), 9), c.flop_speedup, c.key))
+        if measured and best.damage is None and len(_measured(candidates)) < MAX_WHOLE:
+            damages.whole(best)
+            continue
+        if timed and best.speed is None:
+            if len(speeds.timed) >= MAX_TIMED:
+                break  # out of timings: only a timed plan may be chosen
+            _time(best, speeds, say)
+            continue
+        return best
+    return _fallback(candidates, damages, speeds, target, say)
 
-    layout = plan_layout(geom, plan)
-    lat.ensure(layout)
-    base_s = lat.fixed_s + geom.depth * lat.block_s("dynamic", geom.num_tokens)
-    return base_s / lat.layout_s(layout)[0]
+
+def _time(c: Candidate, speeds: _Speeds, say: Log) -> SpeedComparison:
+    s = speeds.time(c)
+    say(f"timed {c.plan.describe()}: {s.speedup:.2f}x measured ({c.flop_speedup:.2f}x in FLOPs)")
+    return s
 
 
-# A verified speed-up comes from a short timing with a few percent of noise: a plan that measures
-# within this fraction of the budget counts as meeting it, so the verdict does not flip run to run.
-MEASURED_TOLERANCE = 0.03
+def _measured(candidates: Sequence[Candidate]) -> list[Candidate]:
+    return [c for c in candidates if c.damage is not None]
+
+
+def _fallback(candidates: list[Candidate], damages: _Damages, speeds: _Speeds, target: float, say: Log) -> Candidate:
+    """Out of measurements or nothing meets the budget: the least damaging timed plan that meets
+    it, else the fastest plan. When timing, the plan predicted fastest is timed too, so that the
+    plan returned (and the speed-up it reports) is a measured one."""
+    def met() -> list[Candidate]:
+        return [c for c in speeds.timed if _meets(c.speed.speedup, target, True)]  # type: ignore[union-attr]
+
+    if not met() and speeds.deployment is not None:
+        fastest = max(candidates, key=lambda c: (speeds.predict(c), -damages.best_known(c), c.key))
+        if fastest.speed is None:
+            _time(fastest, speeds, say)
+    if met():
+        return min(met(), key=lambda c: (damages.best_known(c), c.key))
+    pool = speeds.timed or candidates
+    return max(pool, key=lambda c: (speeds.predict(c), -damages.best_known(c)))
 
 
 def _meets(speedup: float, target: float, measured: bool) -> bool:
     return speedup >= target * ((1 - MEASURED_TOLERANCE) if measured else (1 - 1e-9))
 
 
-def _verify(
-    model: "nn.Module", search: _Search, geom: "ModelGeometry", lat: "LatencyModel", target: float,
-    choice: _Scored, say: Callable[[str], None],
-) -> tuple[_Scored, list[dict[str, Any]]]:
-    """Time the converted model of ``choice`` against the original; while it falls short of
-    ``target``, correct the predicted speed-ups by measured / predicted and search again (at most
-    ``MAX_REPLANS`` times). Returns the plan kept (see ``make_plan``) and a record of every plan timed."""
-    tried: list[tuple[_Scored, float, float, float]] = []  # (candidate, predicted, measured, correction used)
-    correction = 1.0
-    for attempt in range(MAX_REPLANS + 1):
-        plan = _to_plan(search, geom, choice)
-        predicted = _latency_speedup(lat, geom, plan)
-        measured, _ = lat.measure_plan(model, plan, rounds=VERIFY_ROUNDS)
-        tried.append((choice, predicted, measured, correction))
-        say(f"verification: the converted model runs {measured:.2f}x faster than the original "
-            f"(latency model predicted {predicted:.2f}x)")
-        if _meets(measured, target, measured=True) or attempt == MAX_REPLANS:
-            break
-        correction = measured / predicted
-        say(f"below the {target:.2f}x budget: predicted speed-ups scaled by {correction:.2f}, planning again")
-        choice = _calibrated_choice(search, geom, lat, target / correction)
-        if any(choice.stages == c.stages and choice.static_count == c.static_count for c, *_ in tried):
-            break  # the corrected search picks a plan already timed
-    met = [t for t in tried if _meets(t[2], target, measured=True)]
-    if met:
-        kept = min(met, key=lambda t: (round(t[0].damage, 9), -t[0].cost, t[0].static_count))
-    else:
-        kept = max(tried, key=lambda t: t[2])
-    records = []
-    for c, predicted, measured, used in tried:
-        p = _to_plan(search, geom, c)
-        records.append({
-            "static_layers": p.static_layers,
-            "reductions": [{"before_block": r.before_block, "scales": r.scales} for r in p.reductions],
-            "latency_speedup": predicted,
-            "measured_speedup": measured,
-            "correction": used,
-            "chosen": c is kept[0],
-        })
-    return kept[0], records
+def _record(
+    geom: ModelGeometry, c: Candidate, candidates: Sequence[Candidate], damages: _Damages, speeds: _Speeds,
+    target: Budget, deployment: Optional[Deployment], selection: str, meter: Optional[DamageMeter],
+) -> Plan:
+    plan = c.plan
+    plan.budget = target.text
+    if meter is not None and c.damage is None:  # out of whole measurements: measure the one kept
+        damages.whole(c)
+    layout = plan_layout(geom, plan)
+    plan.predicted = {
+        "base_flops": base_flops(geom), "flops": plan_flops(geom, plan), "flop_speedup": c.flop_speedup,
+        "base_params": geom.params, "params": plan_params(geom, plan),
+        "tokens_per_block": [n for _, n, _ in layout.blocks], "block_kinds": [k for k, _, _ in layout.blocks],
+        "merge_r": plan.merges(),
+        "block_flops": [2 * g.macs(n, static=k == "static", merge=m, num_prefix_tokens=geom.num_prefix_tokens)
+                        for g, (k, n, m) in zip(geom.blocks, layout.blocks)],
+        "speedup": speeds.predict(c) if c.speed is None else _prediction_before(c, speeds),
+        "speedup_source": "flops corrected by timed candidates" if deployment is not None else "flops (not timed)",
+        "damage_estimate": damages.estimate(c),
+        "damage_source": "measured parts (KL on calibration images)" if meter is not None else f"proxy: {selection}",
+        "candidates": len(candidates), "target_speedup": target.speedup, "selection": selection,
+    }
+    met_speed = c.speed.speedup if c.speed is not None else plan.predicted["speedup"]
+    plan.measured = {
+        "budget_met": _meets(met_speed, target.speedup, c.speed is not None),
+        "speedup": c.speed.speedup if c.speed else None,
+        "speed": c.speed.to_dict() if c.speed else None,
+        "deployment": deployment.to_dict() if deployment is not None else None,
+        "damage": c.damage.to_dict() if c.damage else None,
+        "part_damage": [{"change": _part_text(p), "kl": damages.parts[p].kl} for p in c.parts if p in damages.parts],
+        "timed": [{"plan": t.plan.describe(), "family": t.family, "flop_speedup": t.flop_speedup,
+                   "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
+        "near_tie": bool(c.speed is not None and c.speed.speedup_q25 < target.speedup * (1 - MEASURED_TOLERANCE)),
+    }
+    if not plan.measured["budget_met"]:
+        warnings.warn(unreachable_message(plan), stacklevel=3)
+    return plan
+
+
+def _prediction_before(c: Candidate, speeds: _Speeds) -> float:
+    """What the planner predicted for ``c`` from the candidates timed before it."""
+    return _corrected(c, speeds.timed[: next(i for i, t in enumerate(speeds.timed) if t is c)])
+
+
+def _corrected(c: Candidate, timed: Sequence[Candidate]) -> float:
+    """``c``'s FLOP speed-up times the measured/FLOP ratio of the nearest timed candidate of its
+    family. A family not timed yet keeps its FLOP speed-up unless another family's ratio is higher:
+    another family's (often lower) ratio would rule its plans out before any of them is timed."""
+    def ratio(pool: Sequence[Candidate]) -> float:
+        nearest = min(pool, key=lambda t: (abs(t.flop_speedup - c.flop_speedup), t.key))
+        return nearest.speed.speedup / nearest.flop_speedup  # type: ignore[union-attr]
+
+    same = [t for t in timed if t.family == c.family]
+    if same:
+        return c.flop_speedup * ratio(same)
+    return c.flop_speedup * max(1.0, ratio(timed)) if timed else c.flop_speedup
+
+
+def _part_text(part: Part) -> str:
+    if part[0] == "static":
+        return f"static attention in block {part[1]}"
+    if part[0] == "glad":
+        return f"GLAD {list(part[2])} before block {part[1]}"
+    return "whole plan"
+
+
+def tome_plan(model: nn.Module, r: int, kind: str = "constant") -> Plan:
+    """The token-merging plan that merges ``r`` tokens per block (``kind``: constant or decreasing)."""
+    from vitcompress.modules.tome import r_schedule
+
+    check_supported(model)
+    geom = model_geometry(model)
+    merges = r_schedule(geom.depth, int(r), geom.num_tokens, geom.num_prefix_tokens, kind=kind)
+    return _plan(geom, "tome", merges=merges)
+
+
+def plan_speedup(plan: Plan) -> float:
+    """The speed-up a plan is judged on: measured when it was timed, else predicted."""
+    measured = plan.measured.get("speedup")
+    return float(measured if measured is not None else plan.predicted.get("speedup", 0.0))
+
+
+def budget_met(plan: Plan) -> bool:
+    return bool(plan.measured.get("budget_met", plan.predicted.get("budget_met", True)))
 
 
 def unreachable_message(plan: Plan) -> str:
     """The one line saying a plan does not meet its budget."""
-    p = plan.predicted
-    return f"budget {plan.budget} not reachable: best plan reaches {p.get('speedup', 0):.2f}x (target {p.get('target_speedup', 0):.2f}x)"
+    return (f"budget {plan.budget} not reachable: best plan reaches {plan_speedup(plan):.2f}x "
+            f"(target {plan.predicted.get('target_speedup', 0):.2f}x)")
 
 
-def _choose_with(
-    search: _Search, geom: "ModelGeometry", lat: Optional["LatencyModel"], target: float, timed_only: bool = False
-) -> tuple[_Scored, bool]:
-    from vitcompress.cost import STATIC, glad_macs_per_channel
-
-    if lat is None:
-        def block_cost(i: int, kind: str, n: int) -> float:
-            return float(geom.blocks[i].macs(n, static=kind == STATIC))
-
-        def glad_cost(scales: tuple[int, ...], in_grids: tuple[tuple[int, int], ...]) -> float:
-            return float(glad_macs_per_channel(scales, in_grids) * geom.embed_dim)
-
-        fixed = float(geom.fixed_macs)
-    else:
-        memo: dict[tuple[str, int], float] = {}
-
-        def block_cost(i: int, kind: str, n: int) -> float:  # the same for every block of a ViT
-            if (kind, n) not in memo:
-                memo[(kind, n)] = lat.block_s(kind, n)
-            return memo[(kind, n)]
-
-        glad_cost, fixed = lat.glad_s, lat.fixed_s
-    base = fixed + sum(block_cost(i, "dynamic", geom.num_tokens) for i in range(geom.depth))
-    exact = _timed_check(geom, lat) if lat is not None else (lambda _: True)
-    scored = search.score_all(block_cost, glad_cost, fixed, exact)
-    if timed_only:
-        scored = [c for c in scored if c.exact]
-    return _choose(scored, base, target)
-
-
-def _timed_check(geom: "ModelGeometry", lat: "LatencyModel") -> Callable[[Stages], bool]:
-    """Whether every case of a reduction layout has been timed (full-length blocks always are)."""
-
-    def check(stages: Stages) -> bool:
-        in_grids: tuple[tuple[int, int], ...] = (geom.grid,)
-        for _, scales in stages:
-            tokens = geom.num_prefix_tokens + sum(s * s for s in scales)
-            if not (lat.timed_block("dynamic", tokens) and lat.timed_glad(scales, in_grids)):
-                return False
-            in_grids = tuple((s, s) for s in scales)
-        return True
-
-    return check
-
-
-def _to_plan(search: _Search, geom: "ModelGeometry", choice: _Scored) -> Plan:
-    return Plan(
-        static_layers=search.static_layers(choice.static_count, choice.stages),
-        reductions=[Reduction(p, list(scales)) for p, scales in choice.stages],
-        num_blocks=geom.depth,
-        num_prefix_tokens=geom.num_prefix_tokens,
-        grid=geom.grid,
-    )
-
-
-def _probe_token_counts(options: Sequence[Stages], num_prefix: int) -> list[int]:
-    """A few token counts spread over those the candidates use, timed to fit latency(N)."""
-    counts = sorted({num_prefix + sum(s * s for s in scales) for stages in options for _, scales in stages})
-    if len(counts) <= PROBE_TOKEN_COUNTS:
-        return counts
-    picks = [counts[round(k * (len(counts) - 1) / (PROBE_TOKEN_COUNTS - 1))] for k in range(PROBE_TOKEN_COUNTS)]
-    return sorted(set(picks))
-
-
-def _probe_glads(options: Sequence[Stages], grid: tuple[int, int]) -> list[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]:
-    """The first-stage GLAD with the most work, timed so that untimed stages scale from it."""
-    firsts = {stages[0][1] for stages in options if stages}
-    if not firsts:
-        return []
-    return [(max(firsts, key=lambda sc: (sum(s * s for s in sc), sc)), (grid,))]
-
-
-def _model_device(model: "nn.Module") -> str:
-    return str(next(model.parameters()).device)
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def predict(
-    model: "nn.Module",
-    plan: Plan,
-    *,
-    latency: Optional["LatencyModel"] = None,
-    scores: Optional[Sequence[LayerScore]] = None,
-    geometry: Optional["ModelGeometry"] = None,
-) -> dict[str, Any]:
-    """What ``plan`` costs on ``model``: FLOPs and parameters (analytic), latency (if a calibrated
-    ``latency`` model is given; the plan's own cases are timed first), per block and in total.
-
-    ``speedup`` is the latency speed-up when calibrated, else the FLOP speed-up.
-    """
-    from vitcompress.cost import STATIC, base_flops, glad_macs_per_channel, model_geometry, plan_flops, plan_layout, plan_params
-
-    geom = geometry or model_geometry(model)
-    layout = plan_layout(geom, plan)
-    base, flops = base_flops(geom), plan_flops(geom, plan)
-    out: dict[str, Any] = {
-        "base_flops": base,
-        "flops": flops,
-        "flop_speedup": base / flops,
-        "base_params": geom.params,
-        "params": plan_params(geom, plan),
-        "tokens_per_block": [n for _, n in layout.blocks],
-        "block_kinds": [kind for kind, _ in layout.blocks],
-        "block_flops": [2 * g.macs(n, static=kind == STATIC) for g, (kind, n) in zip(geom.blocks, layout.blocks)],
-        "glad_flops": [2 * glad_macs_per_channel(sc, grids) * geom.embed_dim for _, sc, grids in layout.glads],
-        "fixed_flops": 2 * geom.fixed_macs,
-        "calibrated": latency is not None,
-    }
-    if scores is not None:
-        out["damage"] = plan_damage(plan, scores)
-    if latency is None:
-        out["speedup"] = out["flop_speedup"]
-        out["latency_speedup"] = None
-        return out
-    latency.ensure(layout)
-    total, blocks, glads = latency.layout_s(layout)
-    base_s = latency.fixed_s + sum(latency.block_s("dynamic", geom.num_tokens) for _ in range(geom.depth))
-    out.update({
-        "base_latency_ms": base_s * 1e3,
-        "latency_ms": total * 1e3,
-        "latency_speedup": base_s / total,
-        "speedup": base_s / total,
-        "block_ms": [t * 1e3 for t in blocks],
-        "glad_ms": [t * 1e3 for t in glads],
-        "fixed_ms": latency.fixed_s * 1e3,
-        "calibration": latency.to_dict(),
-    })
-    return out
+__all__ = [
+    "BUDGET_FORMS", "Budget", "Candidate", "DEFAULT_METHOD", "Deployment", "METHODS", "PLAN_VERSION", "Plan",
+    "Reduction", "budget_met", "load_plan", "make_plan", "parse_budget", "plan_damage", "plan_speedup", "save_plan",
+    "scale_menu", "tome_plan", "unreachable_message",
+]  # fmt: skip

@@ -1,14 +1,22 @@
-"""Shared pieces of the CLI: consoles, error handling and the options every stage takes."""
+"""Shared pieces of the CLI: consoles, error handling, progress and the options every stage takes.
+
+The library never draws: its stages report through callbacks, ``log(message)`` and
+``progress(done, total, text)``. Here ``note`` is both: called with a message it prints a note on
+stderr, and ``note.progress`` draws a stage's progress (a rich bar on a terminal, a plain line every
+5% with the ETA in a log file or CI job).
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import sys
+import time
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitcompress.errors import VitcompressError
 
@@ -35,16 +43,110 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except VitcompressError as exc:
+            note.finish()
             fail(str(exc))
         except KeyboardInterrupt:
+            note.finish()
             err.print("interrupted")
             raise typer.Exit(130)
+        finally:
+            note.finish()  # no bar outlives its command
 
     return wrapper  # type: ignore[return-value]
 
 
-def note(message: str) -> None:
-    err.print(message, highlight=False, soft_wrap=True)
+class ProgressView:
+    """Draws ``progress(done, total, text)`` callbacks of one task after another.
+
+    ``text`` reads ``"label: details"`` (``"analyzing attention"``, ``"epoch 2: loss 0.41 ..."``).
+    A new task starts when ``total`` changes or ``done`` goes back; a task ends when ``done``
+    reaches ``total`` (or at ``finish``). On a terminal each task is a rich bar (label, bar,
+    done/total, rate per second, details, elapsed, ETA); elsewhere a plain line every 5% of the
+    task and at its end: ``label done/total (rate/s): details, ETA m:ss``.
+    """
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.clock = console, clock
+        self._bar: Any = None
+        self._task: Any = None
+        self._total: Optional[int] = None
+        self._done = 0
+        self._first = 0
+        self._start = 0.0
+        self._bucket = -1
+
+    def __call__(self, done: int, total: int, text: str = "") -> None:
+        done, total = int(done), max(1, int(total))
+        if self._total is None or total != self._total or done < self._done:
+            self.finish()
+            self._begin(done, total)
+        self._done = done
+        label, _, info = text.partition(": ")
+        elapsed = max(self.clock() - self._start, 1e-9)
+        rate = (done - self._first) / elapsed
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, label=escape(label), info=info, rate=f"{rate:.1f}/s" if done > self._first else "")
+        elif done > self._first:
+            every = max(1, total // 20)
+            bucket = done // every
+            if bucket != self._bucket or done >= total:
+                self._bucket = bucket
+                eta = (total - done) * elapsed / (done - self._first)
+                details = f": {info}" if info else ""
+                self.console.print(f"{label} {done}/{total} ({rate:.1f}/s){details}, ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+                                   markup=False, highlight=False, soft_wrap=True)
+        if done >= total:
+            self.finish()
+
+    def _begin(self, done: int, total: int) -> None:
+        self._total, self._done, self._first, self._start = total, done, done, self.clock()
+        self._bucket = done // max(1, total // 20)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.fields[label]}", markup=True),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[info]}", markup=False),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(compact=True),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._bar.add_task("", total=total, completed=done, label="", info="", rate="")
+            self._bar.start()
+
+    def finish(self) -> None:
+        """End the current task (its bar stays on screen)."""
+        if self._bar is not None:
+            self._bar.stop()
+        self._bar, self._task, self._total = None, None, None
+
+
+class Notes:
+    """``note(message)``: a note on stderr (rich markup allowed). ``note.progress``: the progress
+    callback the library's stages take (see ``ProgressView``); ``pipeline`` finds it on its ``log``."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = ProgressView(console)
+
+    def __call__(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        self.progress.finish()
+
+
+note = Notes(err)
+
+
+def plain_note(message: str) -> None:
+    """A note whose text is not rich markup (paths and names may hold brackets)."""
+    note(escape(message))
 
 
 # ---- options shared by several commands ------------------------------------------------------

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
-from vitcompress._io import output_dir_for as default_out_dir
-from vitcompress.analyze import Analysis, Thresholds, analyze, save_analysis
 from vitcompress.cli._app import app
 from vitcompress.cli._common import (
     BatchSizeOpt,
@@ -29,10 +27,14 @@ from vitcompress.cli._common import (
     note,
     out,
 )
-from vitcompress.data import load_data
-from vitcompress.models import load_model
+from vitcompress.names import output_dir_for as default_out_dir
 
-_DEFAULTS = Thresholds()
+if TYPE_CHECKING:
+    from vitcompress.analyze import Analysis
+
+# analyze.Thresholds()'s defaults (a test keeps them equal), spelled here so that `--help` needs no torch.
+DEFAULT_STATIC_SIMILARITY = 0.80
+DEFAULT_REDUCE_RANK90 = 0.25
 _STYLE = {"static": "green", "reduce": "yellow", "keep": "default"}
 # Table labels (the column is "candidate for"); the JSON keeps static / reduce / keep.
 _LABEL = {"static": "static attention", "reduce": "token reduction", "keep": "- (keep)"}
@@ -60,11 +62,11 @@ def analyze_command(
     static_threshold: Annotated[
         float, typer.Option("--static-threshold", min=0.0, max=1.0,
                             help="Static-attention candidate when the layer's mean similarity is at least this.")
-    ] = _DEFAULTS.static_similarity,
+    ] = DEFAULT_STATIC_SIMILARITY,
     rank_threshold: Annotated[
         float, typer.Option("--rank-threshold", min=0.0, max=1.0,
                             help="Token-reduction candidate when the layer's mean rank90 / N is at most this.")
-    ] = _DEFAULTS.reduce_rank90,
+    ] = DEFAULT_REDUCE_RANK90,
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON on stdout instead of a table.")] = False,
 ) -> None:
     """Measure, per layer and head, how similar attention maps are across images and how low their
@@ -73,6 +75,10 @@ def analyze_command(
     Writes analysis.json, attention_means.safetensors (what static attention starts from) and
     analysis.png to --out.
     """
+    from vitcompress.analyze import Thresholds, analyze, save_analysis
+    from vitcompress.data import load_data
+    from vitcompress.models import load_model
+
     name = model_or_demo(model)
     if data is None:
         note("no --data: using the built-in [bold]demo[/] images")
@@ -93,7 +99,7 @@ def analyze_command(
         data_source=f"{data} [{images.split}]",
         thresholds=Thresholds(static_similarity=static_threshold, reduce_rank90=rank_threshold),
         num_workers=workers,
-        progress=True,
+        progress=note.progress,
     )
     if images.skipped:
         note(f"skipped {images.skipped} unreadable image(s)")

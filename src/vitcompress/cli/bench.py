@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitcompress.bench import DEFAULT_REPEATS, DEFAULT_WARMUP, BenchEntry, BenchResult, append_csv, bench
 from vitcompress.cli._app import app
 from vitcompress.cli._common import (
     CheckpointOpt,
@@ -25,9 +24,17 @@ from vitcompress.cli._common import (
     model_or_demo,
     note,
     out,
+    plain_note,
 )
-from vitcompress.errors import ModelLoadError, VitcompressError
-from vitcompress.flops import format_flops
+from vitcompress.errors import VitcompressError
+
+if TYPE_CHECKING:
+    from vitcompress.bench import BenchResult
+
+# The library's defaults (bench.DEFAULT_WARMUP / DEFAULT_REPEATS; a test keeps them equal), spelled
+# here so that `vitcompress --help` need not import torch.
+DEFAULT_WARMUP = 3
+DEFAULT_REPEATS = 10
 
 
 @app.command("bench")
@@ -77,13 +84,18 @@ def bench_command(
     timing; with --data the original's weights are loaded). Any two models can be compared with
     --baseline.
     """
+    from vitcompress.bench import append_csv, attach_data, bench, entries_for
+
     if csv_out is not None and csv_out.is_dir():
         raise VitcompressError(f"--out {csv_out} is a folder: give a .csv file path")
     name = model_or_demo(model)
-    need_weights = data is not None and not random_init
-    entries = _entries(name, baseline, checkpoint, baseline_checkpoint, random_init, need_weights)
+    entries = entries_for(
+        name, baseline=baseline, checkpoint=checkpoint, baseline_checkpoint=baseline_checkpoint,
+        random_init=random_init, need_weights=data is not None and not random_init, log=plain_note,
+    )
     if data is not None:
-        _attach_data(entries, data, split, image_column, label_column, limit, workers)
+        attach_data(entries, data, split=split, image_column=image_column, label_column=label_column, limit=limit,
+                    log=plain_note)
     result = bench(
         entries,
         baseline=entries[0].name if len(entries) > 1 else None,
@@ -95,6 +107,7 @@ def bench_command(
         channels_last=channels_last,
         warmup=warmup,
         repeats=repeats,
+        num_workers=workers,
         progress=note,
     )
     if as_json:
@@ -106,155 +119,11 @@ def bench_command(
         note(escape(f"appended {len(result.measurements)} row(s) to {csv_out}"))
 
 
-# ---- building the models ---------------------------------------------------------------------
-def _is_export(name: str) -> bool:
-    return name.endswith(".safetensors") and not name.startswith(("local-dir:", "hf-hub:"))
-
-
-def _entries(
-    name: str,
-    baseline: Optional[str],
-    checkpoint: Optional[str],
-    baseline_checkpoint: Optional[str],
-    random_init: bool,
-    need_weights: bool,
-) -> list[BenchEntry]:
-    """[baseline, model] (the baseline first: speed-ups refer to it), or [model] alone."""
-    if _is_export(name):
-        if checkpoint is not None:
-            raise VitcompressError("--checkpoint does not apply to a vitcompress .safetensors (it holds its weights)")
-        main = _export_entry(name)
-        if baseline is None:
-            return [_original_entry(name, main, baseline_checkpoint, random_init, need_weights), main]
-    else:
-        main = _named_entry(name, checkpoint, random_init, "model")
-    if baseline is None:
-        if baseline_checkpoint is not None:
-            raise VitcompressError("--baseline-checkpoint needs --baseline (or a vitcompress .safetensors model)")
-        return [main]
-    if _is_export(baseline):
-        other = _export_entry(baseline)
-    else:
-        other = _named_entry(baseline, baseline_checkpoint, random_init, "baseline")
-    if other.name == main.name:
-        other.name = f"{other.name} (baseline)"
-    return [other, main]
-
-
-def _export_entry(path: str) -> BenchEntry:
-    from vitcompress.export import load, read_metadata
-
-    meta = read_metadata(path)
-    model = load(path)
-    cfg = meta.get("data_config") or (meta.get("model") or {}).get("data_config") or {}
-    info = {"kind": "compressed", "source": path, "base_model": (meta.get("model") or {}).get("model_id")}
-    for key in ("teacher_top1", "student_top1", "speedup"):
-        if key in meta:
-            info[f"recorded_{key}"] = meta[key]
-    return BenchEntry(Path(path).name, model, _input_size(cfg, model), info=_with_config(info, cfg))
-
-
-def _original_entry(
-    path: str, compressed: BenchEntry, checkpoint: Optional[str], random_init: bool, need_weights: bool
-) -> BenchEntry:
-    """The model the file was compressed from: its architecture from the metadata; weights only
-    when accuracy is wanted (they do not change the timing)."""
-    from vitcompress.export import read_metadata
-    from vitcompress.models import ModelSpec, build_model, load_model
-
-    spec = ModelSpec.from_dict(read_metadata(path)["model"])
-    label = f"{spec.model_id} (original)"
-    if checkpoint is None and (not need_weights or spec.weights == "random"):
-        note(escape(f"original of {Path(path).name}: {spec.architecture} with random weights (enough for timing)"))
-        model, weights = build_model(spec), "random"
-    else:
-        if checkpoint is None and spec.weights == "checkpoint":
-            raise VitcompressError(
-                f"the original of {path} was loaded from a local checkpoint: pass it with --baseline-checkpoint PATH "
-                "for accuracy, or --random-init to time only"
-            )
-        try:
-            model, _ = load_model(spec.model_id, checkpoint=checkpoint, model_kwargs=spec.model_args)
-        except ModelLoadError as exc:
-            raise ModelLoadError(
-                f"cannot load the original model's weights for accuracy ({exc}); pass --baseline-checkpoint PATH, "
-                "or --random-init to time only"
-            ) from None
-        weights = "checkpoint" if checkpoint is not None else "pretrained"
-    info = {"kind": "original", "source": spec.model_id, "architecture": spec.architecture, "weights": weights}
-    cfg = spec.data_config or compressed.info.get("data_config") or {}
-    return BenchEntry(label, model, _input_size(cfg, model), info=_with_config(info, cfg))
-
-
-def _named_entry(name: str, checkpoint: Optional[str], random_init: bool, kind: str) -> BenchEntry:
-    from vitcompress.models import load_model
-
-    model, spec = load_model(name, checkpoint=checkpoint, random_init=random_init)
-    info = {"kind": kind, "source": name, "architecture": spec.architecture, "weights": spec.weights}
-    return BenchEntry(name, model, _input_size(spec.data_config, model), info=_with_config(info, spec.data_config))
-
-
-def _with_config(info: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    return {**info, "data_config": dict(cfg)}
-
-
-def _input_size(cfg: dict[str, Any], model: Any) -> tuple[int, int, int]:
-    """The size the model runs at: its patch embedding's (authoritative), else the data config's."""
-    from vitcompress.flops import model_input_size
-
-    try:
-        return model_input_size(model)
-    except VitcompressError:
-        if "input_size" in cfg:
-            c, h, w = (int(v) for v in cfg["input_size"])
-            return c, h, w
-        raise
-
-
-# ---- data ------------------------------------------------------------------------------------
-class _Batches:
-    """Re-iterable (images, labels) batches of an ImageData, with the loader settings we chose."""
-
-    def __init__(self, data: Any, workers: Optional[int]) -> None:
-        self.data, self.workers = data, workers
-
-    def __iter__(self) -> Iterator[Any]:
-        from vitcompress.bench import EVAL_BATCH_SIZE
-        from vitcompress.data import make_loader
-
-        return self.data.batches(make_loader(self.data, EVAL_BATCH_SIZE, num_workers=self.workers))
-
-
-def _attach_data(
-    entries: list[BenchEntry],
-    source: str,
-    split: Optional[str],
-    image_column: Optional[str],
-    label_column: Optional[str],
-    limit: Optional[int],
-    workers: Optional[int],
-) -> None:
-    """Each model gets the images preprocessed with its own data config (loaded once per config),
-    in the same order, so that agreement compares predictions on the same images."""
-    from vitcompress.data import load_data
-
-    by_config: dict[str, _Batches] = {}
-    for entry in entries:
-        cfg = dict(entry.info.get("data_config") or {})
-        cfg["input_size"] = list(entry.input_size or cfg.get("input_size", ()))  # what the model runs at
-        key = json.dumps(cfg, sort_keys=True)
-        if key not in by_config:
-            loaded = load_data(
-                source, split=split, data_config=cfg, image_column=image_column, label_column=label_column, limit=limit
-            )
-            note(escape(f"data: {loaded.source} split '{loaded.split}', {len(loaded)} images"))
-            by_config[key] = _Batches(loaded, workers)
-        entry.data = by_config[key]
-
-
 # ---- output ----------------------------------------------------------------------------------
 def result_table(result: BenchResult) -> Table:
     """The rich table `vitcompress bench` prints."""
+    from vitcompress.flops import format_flops
+
     s = result.settings
     extras = [x for x, on in (("compiled", s["compile"]), ("channels-last", s["channels_last"])) if on]
     title = f"{s['device_name']} ({s['device']}), threads: {s['threads']}, {s['dtype']}" + "".join(f", {x}" for x in extras)

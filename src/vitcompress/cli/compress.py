@@ -33,6 +33,7 @@ CeOpt = Annotated[Optional[float], typer.Option("--ce-weight", min=0, help="Weig
 KdOpt = Annotated[Optional[float], typer.Option("--kd-weight", min=0, help="Weight of logit distillation (default 1).")]
 KdTOpt = Annotated[Optional[float], typer.Option("--kd-temperature", help="Distillation temperature (default 2).")]
 AttnOpt = Annotated[Optional[float], typer.Option("--attn-weight", min=0, help="Weight of the dynamic attention guidance (default 1).")]
+GuidanceOpt = Annotated[Optional[str], typer.Option("--guidance", help="Dynamic guidance of static layers: output (distil each static layer's per-image output, default), map (KL to the teacher's maps) or none.")]
 FeatOpt = Annotated[Optional[float], typer.Option("--feat-weight", min=0, help="Weight of the feature loss at GLAD outputs (default 0).")]
 AugmentOpt = Annotated[Optional[str], typer.Option("--augment", help="auto, flip-shift, shift or none (default auto: shift on the demo digits).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and augmentation (default 0).")]
@@ -78,6 +79,7 @@ def compress_command(
     kd_weight: KdOpt = None,
     kd_temperature: KdTOpt = None,
     attn_weight: AttnOpt = None,
+    guidance: GuidanceOpt = None,
     feat_weight: FeatOpt = None,
     augment: AugmentOpt = None,
     seed: SeedOpt = None,
@@ -86,7 +88,11 @@ def compress_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in the work folder.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default ./vitcompress-out/<model>/model.safetensors).")] = None,
     force: ForceOpt = False,
-    no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Plan from the FLOP model only (no timing).")] = False,
+    method: Annotated[str, typer.Option("--method", help="dgssa-glad (default), dgssa, glad, tome (token merging) or auto (search all, keep the best measured).")] = "dgssa-glad",
+    tome_r: Annotated[Optional[int], typer.Option("--tome-r", min=1, help="Token merging with r tokens merged per block (implies --method tome; skips planning).")] = None,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help="Training images the planner measures damage on (0: analysis proxy).")] = 256,
+    plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,
+    no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Plan from FLOPs only (no timing).")] = False,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Images for the attention analysis.")] = 256,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
@@ -105,14 +111,18 @@ def compress_command(
     _set_threads(threads)
     config = FinetuneConfig(**_overrides(
         epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, accum_steps=accum_steps, ce_weight=ce_weight,
-        kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, feat_weight=feat_weight,
-        augment=augment, seed=seed, workdir=workdir, checkpoint_every=checkpoint_every, num_workers=workers,
+        kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, guidance=guidance,
+        feat_weight=feat_weight, augment=augment, seed=seed, workdir=workdir, checkpoint_every=checkpoint_every, num_workers=workers,
     ), resume=resume)
+    from vitcompress.pipeline import PlanOptions
+
+    planning = PlanOptions(method="tome" if tome_r is not None else method, calibration_images=calibration_images,
+                           batch_size=plan_batch_size, threads=threads)
     result = compress(
         model, budget, data=data, split=split, val_split=val_split, image_column=image_column, label_column=label_column,
         analysis=analysis, plan=plan, finetune=not no_finetune, config=config, output=output, force=force,
-        calibrate=not no_calibrate, samples=samples, checkpoint=checkpoint, random_init=random_init,
-        measure_speed=not no_speed, log=note,
+        calibrate=not no_calibrate, samples=samples, planning=planning, tome_r=tome_r, checkpoint=checkpoint,
+        random_init=random_init, measure_speed=not no_speed, log=note,
     )
     _print_result(result, as_json)
 
@@ -192,6 +202,8 @@ def _print_result(result: Any, as_json: bool) -> None:
     table.add_row("static attention (DGSSA)", f"blocks {plan.static_layers}" if plan.static_layers else "none")
     glad = ", ".join(f"before block {r.before_block}: {r.scales}" for r in plan.reductions)
     table.add_row("token aggregation (GLAD)", glad or "none")
+    if any(plan.merges()):
+        table.add_row("token merging (r per block)", str(plan.merges()))
     table.add_row("teacher top-1", _pct(result.teacher_top1))
     table.add_row("student top-1 (converted)", _pct(result.student_top1_before))
     if result.finetune is not None:

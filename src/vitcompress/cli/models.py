@@ -18,7 +18,7 @@ from vitcompress.cli._common import (
     model_or_demo,
     out,
 )
-from vitcompress.models import ALIASES, DEMO_DIR, load_model, model_info
+from vitcompress.hub import ALIASES, DEMO_DIR  # the alias table imports neither torch nor timm
 
 
 @app.command("models")
@@ -46,6 +46,8 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show a model's geometry: parameters, tokens, prefix tokens, blocks, heads, data config."""
+    from vitcompress.models import load_model, model_info
+
     name = model_or_demo(model)
     net, spec = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
     info = model_info(net)

@@ -14,6 +14,7 @@ from vitcompress.cli._app import app
 from vitcompress.cli._common import (
     BatchSizeOpt,
     CheckpointOpt,
+    DataOpt,
     ModelArg,
     NumClassesOpt,
     RandomInitOpt,
@@ -27,14 +28,28 @@ from vitcompress.cli._common import (
 BudgetOpt = Annotated[
     str, typer.Option("--budget", help="Target: a speed-up (2x, 1.5x) or a share of the original cost (50%).")
 ]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="What to search: dgssa-glad (static attention + token aggregation, default), dgssa, glad, "
+        "tome (token merging), or auto (all of them, keep what measures best).",
+    ),
+]
 AnalysisOpt = Annotated[
     Optional[Path],
     typer.Option("--analysis", help="An analysis (folder or analysis.json) to plan from (default: the one in --out, if any)."),
 ]
 NoCalibrateOpt = Annotated[
-    bool, typer.Option("--no-calibrate", help="Predict from FLOPs alone instead of timing the model's parts (a few seconds).")
+    bool, typer.Option("--no-calibrate", help="Do not time candidates: predict the speed-up from FLOPs alone.")
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads to calibrate with (default: torch's).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads to time with (default: torch's).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model will run, which candidates are timed on: cpu or cuda.")]
+CalibOpt = Annotated[
+    int,
+    typer.Option("--calibration-images", min=0,
+                 help="Training images to measure each candidate's damage on (KL to the original); 0: use the analysis proxy."),
+]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for plan.json (default ./vitcompress-out/<model>/).")]
 AllowBelowOpt = Annotated[
     bool,
@@ -48,10 +63,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 def plan_command(
     model: ModelArg = None,
     budget: BudgetOpt = "2x",
+    method: MethodOpt = "dgssa-glad",
+    data: DataOpt = None,
+    calibration_images: CalibOpt = 256,
     analysis: AnalysisOpt = None,
     no_calibrate: NoCalibrateOpt = False,
     batch_size: BatchSizeOpt = 32,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
     out_dir: OutOpt = None,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
@@ -59,39 +78,64 @@ def plan_command(
     allow_below_budget: AllowBelowOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan which blocks get static attention and where tokens are aggregated to meet --budget.
+    """Choose what to compress so that the measured speed-up meets --budget at the least damage.
 
-    Prints the plan (per block: kind, tokens, predicted cost) and writes plan.json. With
-    calibration the chosen plan is also converted and timed against the original model, and the
-    plan is judged on that measured speed-up (see make_plan). When the
-    budget cannot be met it shows the fastest plan and exits with code 2, unless
-    --allow-below-budget (then that plan is written).
+    Damage is measured on --calibration-images images of the training split of --data (the model's
+    own demo data for the demo): KL between the original's and the candidate's predictions. Speed
+    is measured: the candidates that could be chosen are converted and timed against the original
+    on --device at --batch-size with --threads. Prints the plan (per block: kind, tokens, FLOPs,
+    measured damage of each change) and writes plan.json. When the budget cannot be met it shows
+    the fastest plan and exits with code 2, unless --allow-below-budget.
     """
     from vitcompress.models import load_model
-    from vitcompress.pipeline import output_dir_for
-    from vitcompress.plan import make_plan, parse_budget, save_plan, unreachable_message
+    from vitcompress.names import PLAN_JSON, output_dir_for
+    from vitcompress.plan import Deployment, budget_met, make_plan, save_plan, unreachable_message
+    from vitcompress.plan_types import METHODS, Budget
 
-    parse_budget(budget)  # a bad budget fails before the model loads
+    Budget.parse(budget)  # a bad budget fails before the model loads
+    if method not in METHODS:
+        fail(f"--method {method!r} is not one of {', '.join(METHODS)}")
     name = model_or_demo(model)
-    net, _ = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
+    net, spec = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
     folder = out_dir if out_dir is not None else output_dir_for(name)
     recorded = _find_analysis(analysis, folder)
+    calibration = _calibration(name, data, spec, calibration_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the unreachable budget is reported below
         plan = make_plan(
-            net, recorded, budget, calibrate=not no_calibrate, batch_size=batch_size, threads=threads, log=note
+            net, recorded, budget, method=method, calibration=calibration,
+            attention_means=getattr(recorded, "attention_means", None),
+            deployment=Deployment(device=device, batch_size=batch_size, threads=threads),
+            measure_speed=not no_calibrate, log=note,
         )
-    met = bool(plan.predicted["budget_met"])
+    met = budget_met(plan)
     if as_json:
         out.print_json(json.dumps(plan.to_dict()))
     else:
         _print_plan(name, plan, recorded)
     if not met and not allow_below_budget:
         fail(f"{unreachable_message(plan)}: ask for a smaller budget, or pass --allow-below-budget to write this plan")
-    path = save_plan(plan, folder / "plan.json")
+    path = save_plan(plan, folder / PLAN_JSON)
     if not met:
         note(f"[yellow]warning:[/] {unreachable_message(plan)}; writing it anyway (--allow-below-budget)")
     note(f"plan written to {path}")
+
+
+def _calibration(name: str, data: Optional[str], spec: Any, count: int) -> Any:
+    """Calibration images from the training split (the demo's own data for the demo), or None."""
+    if count == 0:
+        note("--calibration-images 0: damage from the analysis proxy, not measured")
+        return None
+    source = data if data is not None else ("demo" if name == "demo" else None)
+    if source is None:
+        note("no --data: damage from the analysis proxy (pass --data to measure it on training images)")
+        return None
+    from vitcompress.pipeline import calibration_images, load_train_val
+
+    train, _ = load_train_val(source, spec.data_config, log=note)
+    images = calibration_images(train, count)
+    note(f"measuring damage on {images.shape[0]} images of {train.source} (split '{train.split}')")
+    return images
 
 
 def _find_analysis(analysis: Optional[Path], folder: Path) -> Any:
@@ -99,12 +143,14 @@ def _find_analysis(analysis: Optional[Path], folder: Path) -> Any:
     from vitcompress.analyze import load_analysis
 
     if analysis is not None:
-        result = load_analysis(analysis, load_means=False)
+        result = load_analysis(analysis)
         note(f"planning from the analysis in {analysis}")
         return result
-    if (folder / "analysis.json").is_file():
-        note(f"planning from the analysis in {folder / 'analysis.json'} (pass --analysis to use another)")
-        return load_analysis(folder, load_means=False)
+    from vitcompress.names import ANALYSIS_JSON
+
+    if (folder / ANALYSIS_JSON).is_file():
+        note(f"planning from the analysis in {folder / ANALYSIS_JSON} (pass --analysis to use another)")
+        return load_analysis(folder)
     note(
         f"no analysis in {folder}/: planning without one (static attention in the first layers); "
         f"run `vitcompress analyze` first for a plan that follows the model's own attention"
@@ -113,66 +159,60 @@ def _find_analysis(analysis: Optional[Path], folder: Path) -> Any:
 
 
 def _print_plan(name: str, plan: Any, analysis: Any) -> None:
-    p = plan.predicted
-    calibrated = bool(p.get("calibrated"))
-    table = Table(title=f"plan for {name}: budget {plan.budget}")
-    for column in ("block", "kind", "tokens", "GFLOPs/img") + (("ms/batch",) if calibrated else ()):
-        table.add_column(column, justify="right" if column not in ("kind",) else "left")
+    p, m = plan.predicted, plan.measured
+    table = Table(title=f"plan for {name}: budget {plan.budget} ({plan.method})")
+    for column in ("block", "kind", "tokens", "merge", "GFLOPs/img", "damage (KL)"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
     if analysis is not None:
         table.add_column("similarity", justify="right")
-        table.add_column("rank90/N", justify="right")
     layers = {layer.index: layer for layer in getattr(analysis, "layers", [])}
-    glads = {r.before_block: (k, r) for k, r in enumerate(plan.reductions)}
+    glads = {r.before_block: r for r in plan.reductions}
+    damage = {d["change"]: d["kl"] for d in m.get("part_damage", [])}
     previous = plan.num_prefix_tokens + plan.grid[0] * plan.grid[1]
     for i in range(plan.num_blocks):
         if i in glads:
-            k, r = glads[i]
-            row = ["", f"[cyan]GLAD {r.scales}[/]", f"{previous} -> {plan.tokens_per_block()[i]}", _g(p["glad_flops"][k])]
-            row += [_ms(p["glad_ms"][k])] if calibrated else []
-            table.add_row(*row, *([""] * 2 if analysis is not None else []))
+            r = glads[i]
+            kl = damage.get(f"GLAD {list(r.scales)} before block {i}")
+            table.add_row("", f"[cyan]GLAD {r.scales}[/]", f"{previous} -> {p['tokens_per_block'][i]}", "", "",
+                          _kl(kl), *([""] if analysis is not None else []))
         kind = p["block_kinds"][i]
-        row = [str(i), "[green]static[/]" if kind == "static" else "dynamic", str(p["tokens_per_block"][i]), _g(p["block_flops"][i])]
-        row += [_ms(p["block_ms"][i])] if calibrated else []
+        kl = damage.get(f"static attention in block {i}") if kind == "static" else None
+        row = [str(i), "[green]static[/]" if kind == "static" else "dynamic", str(p["tokens_per_block"][i]),
+               str(p["merge_r"][i] or ""), _g(p["block_flops"][i]), _kl(kl)]
         if analysis is not None:
             layer = layers.get(i)
-            row += [f"{layer.similarity_mean:.3f}", f"{layer.rank90_norm:.3f}"] if layer is not None else ["-", "-"]
+            row.append(f"{layer.similarity_mean:.3f}" if layer is not None else "-")
         table.add_row(*row)
-        previous = p["tokens_per_block"][i]
+        previous = p["tokens_per_block"][i] - p["merge_r"][i]
     out.print(table)
-    out.print(
-        f"FLOPs/image: {_g(p['base_flops'])} -> {_g(p['flops'])} G ({p['flop_speedup']:.2f}x); "
-        f"params: {p['base_params'] / 1e6:.3f} -> {p['params'] / 1e6:.3f} M",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if calibrated:
-        out.print(
-            f"latency per batch of {p['batch_size']} on {p['device']}, {p['threads']} threads: "
-            f"{p['base_latency_ms']:.1f} -> {p['latency_ms']:.1f} ms ({p['latency_speedup']:.2f}x)",
-            highlight=False,
-            soft_wrap=True,
-        )
-    status = "[green]met[/]" if p["budget_met"] else "[red]NOT met[/]"
-    if p.get("verified"):
-        # The plan is judged on the measured figure; the calibrated latency prediction is shown beside it.
-        out.print(
-            f"verified speed-up {p['measured_speedup']:.2f}x measured (converted vs original model, interleaved; "
-            f"calibrated latency predicted {p['latency_speedup']:.2f}x, "
-            f"{len(p.get('verification', []))} plan(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}",
-            soft_wrap=True,
-        )
+    _say(f"FLOPs/image: {_g(p['base_flops'])} -> {_g(p['flops'])} G ({p['flop_speedup']:.2f}x); "
+         f"params: {p['base_params'] / 1e6:.3f} -> {p['params'] / 1e6:.3f} M")
+    whole = m.get("damage")
+    _say(f"damage: {p['damage_estimate']:.4f} estimated ({p['damage_source']})"
+         + (f", {whole['kl']:.4f} measured on the whole plan (KL), top-1 agreement {100 * whole['agreement']:.1f}% "
+            f"on {whole['images']} images" if whole else ""))
+    status = "[green]met[/]" if m["budget_met"] else "[red]NOT met[/]"
+    if m.get("speedup") is not None:
+        d, s = m["deployment"], m["speed"]
+        _say(f"speed-up: {p['speedup']:.2f}x predicted, {m['speedup']:.2f}x measured (quartiles {s['speedup_q25']:.2f}-"
+             f"{s['speedup_q75']:.2f}; batch {d['batch_size']}, {d['threads']} threads, {d['device']}; "
+             f"{len(m['timed'])} candidate(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}")
+        if m.get("near_tie"):
+            _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
     else:
-        source = "calibrated latency" if calibrated else "FLOPs (--no-calibrate)"
-        out.print(
-            f"predicted speed-up {p['speedup']:.2f}x from {source}; budget {plan.budget} ({p['target_speedup']:.2f}x): {status}",
-            soft_wrap=True,
-        )
-    out.print(f"[dim]{p['selection']}[/]", highlight=False, soft_wrap=True)
+        _say(f"speed-up: {p['speedup']:.2f}x predicted from FLOPs (not timed); budget {plan.budget} "
+             f"({p['target_speedup']:.2f}x): {status}")
+    out.print(f"[dim]{p['candidates']} candidates; {p['selection']}[/]", highlight=False, soft_wrap=True)
+
+
+def _say(text: str) -> None:
+    out.print(text, highlight=False, soft_wrap=True)
+
+
+def _kl(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def _g(flops: float) -> str:
     return f"{flops / 1e9:.3f}"
 
-
-def _ms(ms: float) -> str:
-    return f"{ms:.1f}"

@@ -76,11 +76,39 @@ class GLAD(nn.Module):
         # Built in float64 and cast once, so a float64 model gets exact 1/k weights (not float32 ones).
         init = pyramid_init(self.in_grids, self.scales, torch.float64)
         self.weight = nn.Parameter(init.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        # Which input tokens each output token pools, fixed at the pyramid: what its size (the
+        # number of original patches it stands for) is computed from. Not saved: derived.
+        self.register_buffer("support", (init > 0).to(self.weight.dtype), persistent=False)
 
     @property
     def out_grids(self) -> list[Grid]:
         """The output patch tokens as grids (input of a later stage)."""
         return [(s, s) for s in self.scales]
+
+    def init_from_attention(self, mean_attention: torch.Tensor) -> None:
+        """Start each output token as an attention-weighted mix of the input tokens instead of a
+        plain average: row j becomes the mean, over the query patches ``q`` that token j pools, of
+        the layer's mean attention ``A[q, patches]`` (averaged over heads, renormalised over the
+        patches). It inherits the dynamic pattern as static attention does. First stage only
+        (``mean_attention`` [H, P + N_in, P + N_in] measured on the original tokens)."""
+        P, n = self.num_prefix_tokens, self.in_tokens
+        if len(self.in_grids) != 1 or tuple(mean_attention.shape[-2:]) != (P + n, P + n):
+            raise VitcompressError(
+                f"attention init needs the first stage and a [heads, {P + n}, {P + n}] mean attention, got "
+                f"{list(mean_attention.shape)} for input grids {self.in_grids}: use the pooling init"
+            )
+        rows = mean_attention.double().mean(0)[P:, P:]  # [N_in, N_in] query patch -> key patch
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-12)
+        pool = self.support.double() / self.support.double().sum(-1, keepdim=True)  # uniform over the region
+        with torch.no_grad():
+            self.weight.copy_((pool @ rows).to(self.weight.dtype))
+
+    def out_size(self, in_size: torch.Tensor) -> torch.Tensor:
+        """Sizes [B, P + M, 1] of the output tokens (original patches each stands for), from the
+        input tokens' sizes [B, P + N_in, 1]; prefix tokens keep theirs."""
+        P = self.num_prefix_tokens
+        pooled = torch.matmul(self.support.to(in_size.dtype), in_size[:, P:])
+        return torch.cat([in_size[:, :P], pooled], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         P = self.num_prefix_tokens

@@ -1,0 +1,274 @@
+"""The accuracy-vs-speed frontier: our methods against token merging, measured in one run.
+
+    python benchmarks/frontier.py                      # the shared CIFAR-10 teacher (../shared), ~1 h on 2 cores
+    python benchmarks/frontier.py --quick              # the built-in demo, a few minutes
+
+For every target speed-up (1.5x, 2x, 2.5x, 3x) and every method (``dgssa-glad``, ours; ``tome``,
+token merging; and the ablations ``dgssa`` and ``glad`` alone), the planner chooses the plan
+(damage measured on training images, speed measured at batch 32 with ``--threads``; for token
+merging this chooses r by measured speed-up). Each plan is evaluated training-free and after the
+same fine-tune (``--steps`` distillation steps, the recipe of ``vitcompress compress``); one extra
+row fine-tunes our 2x plan's static layers from uniform attention instead of the mean map (does
+inheriting the dynamic attention matter?). Then every model is timed in ONE interleaved ``bench``
+run with the original (batch 32 and batch 1, ``--threads``), so all speed-ups compare.
+
+Selection never looks at the test split: plans are chosen on calibration images from the training
+split, and a validation slice held out of the training split (``--val-images``) is reported beside
+the test top-1 (``val_top1``) for any choice made from this table.
+
+Writes ``--out``/frontier.json (rows: method, variant, target_speedup, finetune_steps, top1,
+val_top1, speedup, speedup_q25, speedup_q75, batch_size, threads, reached, plan), frontier.csv
+and frontier.png (top-1 against measured speed-up at batch 32, one line per method and training
+mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TEACHER = SHARED / "models" / "cifar10-vit12-d96"
+DATA = SHARED / "data" / "cifar10"
+METHODS = ("dgssa-glad", "tome", "auto", "glad", "dgssa")
+COLUMNS = ["method", "variant", "target_speedup", "finetune_steps", "top1", "val_top1", "speedup", "speedup_q25",
+           "speedup_q75", "batch_size", "threads", "reached", "plan"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=f"local-dir:{TEACHER}")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--speedups", default="1.5,2,2.5,3", help="target speed-ups, comma-separated")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--steps", type=int, default=300,
+                   help="fine-tuning steps for every fine-tuned row (0: training-free only); 300 x 64 images fits the "
+                        "whole run in about an hour on 2 CPU cores")
+    p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every timing (stated in every row)")
+    p.add_argument("--train-threads", type=int, default=2, help="torch threads while fine-tuning and evaluating")
+    p.add_argument("--val-images", type=int, default=1000, help="validation slice held out of the training split")
+    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds of the final bench run")
+    p.add_argument("--no-uniform-ablation", action="store_true")
+    p.add_argument("--quick", action="store_true", help="the built-in demo model and data, 2x only, 20 steps")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.data, args.speedups, args.methods = "demo", "demo", "2", "dgssa-glad,tome"
+        args.steps, args.val_images, args.calibration_images, args.repeats = min(args.steps, 20), 200, 64, 3
+    return args
+
+
+@dataclasses.dataclass
+class Entry:
+    """One compressed model of the frontier."""
+
+    method: str
+    variant: str
+    target: float
+    plan: Any
+    model: torch.nn.Module
+    trained: bool = False
+    top1: Optional[float] = None
+    val_top1: Optional[float] = None
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from vitcompress.analyze import analyze
+    from vitcompress.bench import evaluate_top1
+    from vitcompress.data import load_train_val, train_val_split
+    from vitcompress.models import load_model
+    from vitcompress.pipeline import calibration_images
+
+    started = time.monotonic()
+    torch.set_num_threads(args.train_threads)
+    teacher, spec = load_model(args.model)
+    teacher.eval()
+    train_all, test = load_train_val(args.data, spec.data_config, log=_log)
+    train, val = train_val_split(train_all, args.val_images, seed=0)
+    _log(f"{len(train)} training images, {len(val)} validation images (held out of train), {len(test)} test images")
+    val_batches, test_batches = _cached(val), _cached(test)
+    analysis = analyze(teacher, train, samples=256, model_id=args.model, data_source=f"{args.data} [train]")
+    calib = calibration_images(train, args.calibration_images)
+    report: dict[str, Any] = {
+        "teacher": {"top1": evaluate_top1(teacher, test_batches), "val_top1": evaluate_top1(teacher, val_batches)},
+        "settings": {k: v for k, v in vars(args).items()},
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads for training, "
+                   f"torch {torch.__version__}, python {platform.python_version()}",
+    }
+    _log(f"teacher: test top-1 {report['teacher']['top1']:.4f}, val top-1 {report['teacher']['val_top1']:.4f}")
+    entries = _plan_all(args, teacher, analysis, calib)
+    for e in entries:
+        e.top1, e.val_top1 = evaluate_top1(e.model, test_batches), evaluate_top1(e.model, val_batches)
+        _log(f"{e.method} {e.target}x {e.variant}: training-free test {e.top1:.4f}, val {e.val_top1:.4f}")
+    free = [dataclasses.replace(e) for e in entries]
+    trained = _finetune_all(args, entries, teacher, train, val_batches, test_batches) if args.steps > 0 else []
+    speeds = _time_all(args, teacher, entries)
+    rows = _rows(args, free, trained, speeds)
+    report.update(rows=rows, seconds=time.monotonic() - started)
+    _write(Path(args.out), report)
+    _log(f"done in {report['seconds'] / 60:.1f} min")
+    return report
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cached(data: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The images decoded once, as (images, labels) batches that every evaluation reuses."""
+    from vitcompress.data import iter_batches
+
+    return [(x, y) for x, y in iter_batches(data, 256)]
+
+
+def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torch.Tensor) -> list[Entry]:
+    """A plan for every (method, target) and the converted model; the uniform-init ablation."""
+    import warnings
+
+    from vitcompress.convert import convert
+    from vitcompress.plan import Deployment, make_plan
+
+    torch.set_num_threads(args.threads)  # the planner times candidates: the deployment's threads
+    deployment = Deployment(device="cpu", batch_size=32, threads=args.threads)
+    entries = []
+    for method in args.methods.split(","):
+        for target in (float(s) for s in args.speedups.split(",")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an unreachable target is a row that says so
+                plan = make_plan(teacher, analysis, target, method=method, calibration=calib,
+                                 attention_means=analysis.attention_means, deployment=deployment, log=_log)
+            _log(f"{method} {target}x: {plan.describe()} (measured {plan.measured.get('speedup') or 0:.2f}x)")
+            entries.append(Entry(method, "mean-init", target, plan, convert(teacher, plan, analysis.attention_means)))
+    base = next((e for e in entries if e.method == "dgssa-glad" and e.target == 2.0), None)
+    if base is not None and not args.no_uniform_ablation:
+        # Does inheriting the dynamic attention matter? The 2x plan with static attention in the
+        # first two blocks (if it has none), started from the mean map and from uniform attention.
+        plan = dataclasses.replace(base.plan, static_layers=base.plan.static_layers or _first_static(base.plan))
+        for variant, means in (("static-mean-init", analysis.attention_means), ("static-uniform-init", None)):
+            entries.append(Entry("dgssa-glad", variant, 2.0, plan, convert(teacher, plan, means)))
+    torch.set_num_threads(args.train_threads)
+    return entries
+
+
+def _first_static(plan: Any) -> list[int]:
+    first = plan.reductions[0].before_block if plan.reductions else plan.num_blocks
+    return list(range(min(2, first)))
+
+
+def _finetune_all(args: argparse.Namespace, entries: list[Entry], teacher: Any, train: Any, val_batches: Any,
+                  test_batches: Any) -> list[Entry]:
+    from vitcompress.bench import evaluate_top1
+    from vitcompress.finetune import FinetuneConfig, finetune
+
+    trained, done_by_key = [], {}
+    todo = [e for e in entries if e.plan.measured.get("budget_met") or e.variant != "mean-init"]
+    for k, e in enumerate(todo):
+        key = (_plan_key(e.plan), e.variant)
+        if key not in done_by_key:
+            _log(f"[{k + 1}/{len(todo)}] fine-tuning {e.method} {e.target}x {e.variant} ({e.plan.describe()}) for {args.steps} steps")
+            config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, num_workers=1, progress=False,
+                                    augment="shift" if args.quick else "flip-shift")
+            finetune(e.model, teacher, train, None, config, log=lambda m: None)
+            e.model.eval()
+            done_by_key[key] = (e.model, evaluate_top1(e.model, test_batches), evaluate_top1(e.model, val_batches))
+            _log(f"   test top-1 {done_by_key[key][1]:.4f}, val top-1 {done_by_key[key][2]:.4f}")
+        model, top1, val_top1 = done_by_key[key]
+        trained.append(dataclasses.replace(e, model=model, trained=True, top1=top1, val_top1=val_top1))
+    return trained
+
+
+def _time_all(args: argparse.Namespace, teacher: Any, entries: list[Entry]) -> dict[tuple[str, int], Any]:
+    """Every distinct plan timed with the original, in one interleaved bench run."""
+    from vitcompress.bench import bench
+
+    models = {"original": teacher}
+    for e in entries:
+        models.setdefault(_plan_key(e.plan), e.model)
+    result = bench(models, baseline="original", batch_sizes=(1, 32), threads=args.threads,
+                   repeats=args.repeats, progress=_log)
+    return {(m.model, m.batch_size): m for m in result.measurements}
+
+
+def _plan_key(plan: Any) -> str:
+    return plan.describe()
+
+
+def _rows(args: argparse.Namespace, free: list[Entry], trained: list[Entry], speeds: dict) -> list[dict[str, Any]]:
+    rows = []
+    for e in free + trained:
+        for batch in (32, 1):
+            m = speeds.get((_plan_key(e.plan), batch))
+            rows.append({
+                "method": e.method, "variant": e.variant, "target_speedup": e.target,
+                "finetune_steps": args.steps if e.trained else 0, "top1": e.top1, "val_top1": e.val_top1,
+                "speedup": m.speedup if m else None, "speedup_q25": m.speedup_q25 if m else None,
+                "speedup_q75": m.speedup_q75 if m else None, "batch_size": batch, "threads": args.threads,
+                "reached": bool(m is not None and m.speedup >= e.target * 0.97) if batch == 32 else None,
+                "planner_speedup": e.plan.measured.get("speedup"), "planner_budget_met": e.plan.measured.get("budget_met"),
+                "plan": e.plan.to_dict(),
+            })
+    return rows
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    from vitcompress._io import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "frontier.json", report)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in report["rows"]:
+        writer.writerow({**{c: ("" if row[c] is None else row[c]) for c in COLUMNS}, "plan": _describe(row["plan"])})
+    write_text_atomic(out / "frontier.csv", table.getvalue())
+    _plot(out / "frontier.png", report)
+    _log(f"wrote {out / 'frontier.json'}, frontier.csv and frontier.png")
+
+
+def _describe(plan: dict[str, Any]) -> str:
+    from vitcompress.plan_types import Plan
+
+    return Plan.from_dict(plan).describe()
+
+
+def _plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in report["rows"]:
+        if r["batch_size"] == 32 and r["speedup"] is not None and r["variant"] == "mean-init":
+            lines.setdefault((r["method"], r["finetune_steps"]), []).append((r["speedup"], r["top1"]))
+    for (method, steps), points in sorted(lines.items()):
+        points.sort()
+        style = "-" if steps else "--"
+        label = f"{method}, " + (f"fine-tuned {steps} steps" if steps else "training-free")
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, marker="o", label=label)
+    ax.axhline(100 * report["teacher"]["top1"], color="gray", lw=0.8, label="original")
+    ax.set_xlabel("measured speed-up (batch 32, %d thread%s)" % (report["settings"]["threads"],
+                                                                 "" if report["settings"]["threads"] == 1 else "s"))
+    ax.set_ylabel("top-1 (%) on the test split")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""How much a converted model departs from the original, measured on calibration images.
+
+Damage is one unit for every kind of change: the mean KL(original || converted) of the class
+distributions over calibration images (from the *training* split: never the split that reports
+accuracy), with the agreement of the top classes beside it. Changes that only touch block ``i``
+onward (a static layer, a GLAD stage) are measured from the original's cached input to block
+``i``, so a part costs only the blocks after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcompress.convert import convert
+from vitcompress.errors import VitcompressError
+from vitcompress.plan_types import Plan
+
+
+@dataclass(frozen=True)
+class Damage:
+    """KL(original || converted) of the logits' softmax (nats, mean over images) and top-1 agreement."""
+
+    kl: float
+    agreement: float
+    images: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"kl": self.kl, "agreement": self.agreement, "images": self.images}
+
+
+class DamageMeter:
+    """Measures ``Damage`` of plans on ``images`` against ``model`` (the original, eval mode).
+
+    ``attention_means`` initialise static layers as ``convert`` does. The original's log-probabilities
+    and each block's input are computed once; ``part_images`` of the images (the first ones) are
+    used for the cached single-change measurements (``from_block``), all of them for whole plans.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        attention_means: Optional[Mapping[int, torch.Tensor]] = None,
+        *,
+        batch_size: int = 64,
+        part_images: int = 128,
+    ) -> None:
+        _check_images(model, images)
+        self.model = model.eval()
+        self.means = attention_means
+        self.batch_size = int(batch_size)
+        ref = next(model.parameters())
+        self.images = images.to(device=ref.device, dtype=ref.dtype)
+        self.part_count = min(int(part_images), self.images.shape[0])
+        self.reference = self._log_probs(self.model, self.images)
+        self.block_inputs = self._block_inputs(self.images[: self.part_count])
+
+    @torch.inference_mode()
+    def _log_probs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        # float64: the KL of two close distributions cancels almost entirely, and float32
+        # log-probabilities would leave rounding noise of the size of a small change's damage.
+        outs = [model(chunk).double().log_softmax(-1) for chunk in images.split(self.batch_size)]
+        return torch.cat(outs)
+
+    @torch.inference_mode()
+    def _block_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The original's input to every block on ``images``: [block][N, tokens, C]."""
+        stored: list[list[torch.Tensor]] = [[] for _ in self.model.blocks]
+        handles = [blk.register_forward_pre_hook(_keeper(stored[i])) for i, blk in enumerate(self.model.blocks)]
+        try:
+            for chunk in images.split(self.batch_size):
+                self.model(chunk)
+        finally:
+            for h in handles:
+                h.remove()
+        return [torch.cat(parts) for parts in stored]
+
+    def whole(self, plan: Plan) -> Damage:
+        """Damage of the model converted with ``plan``, on every calibration image."""
+        student = convert(self.model, plan, self.means).eval()
+        return _compare(self.reference, self._log_probs(student, self.images))
+
+    @torch.inference_mode()
+    def from_block(self, plan: Plan, first_block: int) -> Damage:
+        """Damage of ``plan`` when it changes nothing before ``first_block``: the converted blocks
+        run from the original's cached input to that block (on the first ``part_images`` images)."""
+        student = convert(self.model, plan, self.means).eval()
+        x_all = self.block_inputs[first_block]
+        outs = []
+        state = getattr(student, "tome_state", None)  # token merging: sizes start over per batch,
+        for x in x_all.split(self.batch_size):  # as the model's own forward pre-hook does
+            if state is not None:
+                state.size = None
+            for blk in student.blocks[first_block:]:
+                x = blk(x)
+            outs.append(student.forward_head(student.norm(x)).double().log_softmax(-1))
+        if state is not None:
+            state.size = None
+        return _compare(self.reference[: self.part_count], torch.cat(outs))
+
+
+def _check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Refuse calibration images the model cannot take, saying what it takes."""
+    from vitcompress.geometry import input_size
+
+    expected = input_size(model)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise VitcompressError(f"calibration images must be a [N, C, H, W] batch of N >= 1 images, got {shape}")
+    if tuple(images.shape[1:]) != expected:
+        raise VitcompressError(
+            f"calibration images are {list(images.shape[1:])} (C, H, W) but the model takes {list(expected)}: "
+            f"preprocess them with the model's data config"
+        )
+    if not images.is_floating_point():
+        raise VitcompressError(
+            f"calibration images are {images.dtype}, not floating point: pass preprocessed (normalised) float images"
+        )
+    if not bool(torch.isfinite(images).all()):
+        raise VitcompressError("calibration images hold NaN or infinite values")
+
+
+def _keeper(store: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    def hook(module: nn.Module, args: tuple) -> None:
+        store.append(args[0].detach().clone())
+
+    return hook
+
+
+def _compare(reference: torch.Tensor, log_probs: torch.Tensor) -> Damage:
+    kl = F.kl_div(log_probs, reference, log_target=True, reduction="batchmean")
+    agree = (log_probs.argmax(-1) == reference.argmax(-1)).float().mean()
+    return Damage(float(kl), float(agree), int(reference.shape[0]))
+
+
+__all__ = ["Damage", "DamageMeter"]

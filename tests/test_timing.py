@@ -1,0 +1,140 @@
+"""The one timer: statistics, interleaving (with a fake clock), repeated calls, and two models compared."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_vit
+from vitcompress.errors import VitcompressError
+from vitcompress.timing import (
+    SpeedComparison,
+    Stats,
+    compare_speed,
+    device_sync,
+    gc_paused,
+    interleaved_order,
+    measure_interleaved,
+    speedup,
+    torch_threads,
+)
+
+
+# ---- statistics ------------------------------------------------------------------------------
+def test_stats_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 10, 11):
+        samples = rng.exponential(size=n).tolist()
+        s = Stats.of(samples)
+        assert s.median == pytest.approx(np.median(samples), rel=1e-12)
+        assert s.q25 == pytest.approx(np.percentile(samples, 25), rel=1e-12)
+        assert s.q75 == pytest.approx(np.percentile(samples, 75), rel=1e-12)
+        assert (s.min, s.max, s.n) == (min(samples), max(samples), n)
+        assert s.mean == pytest.approx(np.mean(samples), rel=1e-12)
+    with pytest.raises(ValueError):
+        Stats.of([])
+
+
+def test_speedup_is_the_median_of_paired_ratios() -> None:
+    base = [4.0, 6.0, 5.0, 9.0]
+    fast = [2.0, 2.0, 2.5, 3.0]
+    s = speedup(base, fast)
+    paired = np.array(base) / np.array(fast)  # [2, 3, 2, 3]
+    assert s.median == pytest.approx(np.median(paired)) == 2.5
+    assert (s.q25, s.q75) == (pytest.approx(np.percentile(paired, 25)), pytest.approx(np.percentile(paired, 75)))
+    assert speedup(base, base).median == 1.0
+    with pytest.raises(ValueError):
+        speedup([1.0, 2.0], [1.0])
+
+
+# ---- interleaving, with a fake clock ---------------------------------------------------------
+def test_interleaved_order_rotates_the_first_model() -> None:
+    assert interleaved_order(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert interleaved_order(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert interleaved_order(["a"], 2) == [["a"], ["a"]]
+    assert interleaved_order(["a", "b"], 0) == []
+
+
+def _fake(now: list[float], calls: list[str], name: str, cost: float):
+    def run() -> None:
+        calls.append(name)
+        now[0] += cost
+
+    return run
+
+
+def test_measure_interleaved_with_a_fake_clock() -> None:
+    now = [0.0]
+    calls: list[str] = []
+    syncs: list[int] = []
+    runners = {"a": _fake(now, calls, "a", 3.0), "b": _fake(now, calls, "b", 1.0)}
+    samples = measure_interleaved(runners, warmup=2, repeats=4, clock=lambda: now[0], sync=lambda: syncs.append(1))
+    assert calls == ["a", "b", "b", "a"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert samples == {"a": [3.0] * 4, "b": [1.0] * 4}
+    assert len(syncs) == len(calls)  # synchronised after every call, warm-up included
+    assert speedup(samples["a"], samples["b"]).median == 3.0
+
+
+def test_sync_is_inside_the_timed_span() -> None:
+    now = [0.0]
+
+    def sync() -> None:
+        now[0] += 0.5  # e.g. waiting for queued GPU kernels
+
+    samples = measure_interleaved({"a": lambda: None}, warmup=0, repeats=3, clock=lambda: now[0], sync=sync)
+    assert samples == {"a": [0.5, 0.5, 0.5]}
+
+
+def test_number_times_back_to_back_calls_and_divides() -> None:
+    now = [0.0]
+    calls: list[str] = []
+    runners = {"a": _fake(now, calls, "a", 2.0), "b": _fake(now, calls, "b", 0.5)}
+    samples = measure_interleaved(runners, warmup=1, repeats=2, number=3, clock=lambda: now[0])
+    # warm-up: each once; timed: each round runs one runner 3 times, then the other 3 times
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert samples == {"a": [2.0, 2.0], "b": [0.5, 0.5]}  # seconds per call, not per sample
+
+
+def test_gc_is_paused_while_timing_and_restored() -> None:
+    seen: list[bool] = []
+    measure_interleaved({"a": lambda: seen.append(gc.isenabled())}, warmup=1, repeats=2)
+    assert seen == [True, False, False] and gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_threads_are_set_and_restored() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1) as used:
+        assert used == torch.get_num_threads() == 1
+    with torch_threads(None) as used:
+        assert used == before
+    assert torch.get_num_threads() == before
+    with pytest.raises(VitcompressError, match="--threads"):
+        with torch_threads(0):
+            pass
+    assert device_sync(torch.device("cpu")) is None
+
+
+# ---- two models ------------------------------------------------------------------------------
+def test_compare_speed_reports_its_conditions() -> None:
+    from vitcompress.convert import convert
+    from vitcompress.plan_types import Plan, Reduction
+
+    teacher = tiny_vit(num_classes=10)
+    plan = Plan(static_layers=[0, 1], reductions=[Reduction(2, [2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
+    student = convert(teacher, plan)
+    result = compare_speed(teacher, student, (3, 32, 32), batch_size=2, rounds=5, threads=1)
+    assert isinstance(result, SpeedComparison)
+    assert result.baseline_ms > 0 and result.model_ms > 0
+    assert result.speedup_q25 <= result.speedup <= result.speedup_q75
+    assert (result.threads, result.device, result.batch_size, result.rounds) == (1, "cpu", 2, 5)
+    d = result.to_dict()  # what the exported file's metadata stores under "speedup"
+    assert {"speedup", "speedup_q25", "speedup_q75", "batch_size", "rounds", "threads", "device"} <= set(d)
+    timed = compare_speed(teacher, student, (3, 32, 32), batch_size=2, seconds=0.0)
+    assert timed.rounds == 10  # the minimum when the time budget is spent
+    assert compare_speed(teacher, teacher, (3, 32, 32), batch_size=1, rounds=3).speedup > 0
