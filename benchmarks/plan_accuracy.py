@@ -1,141 +1,155 @@
-"""How well does the planner's predicted speed-up match the converted model's measured one?
+"""Does the speed-up the planner measured hold when ``vitcompress bench`` measures the plan?
 
-For each budget: plan (random-init model, no analysis, latency calibration unless --no-calibrate),
-convert, then time the original and the converted model side by side at the same batch size
-and thread count (interleaved rounds, the order alternating each round), and print the
-predicted vs measured speed-up and the error. FLOPs (``vitcompress.flops.count_flops``) and
-parameters of the converted model are counted and compared with the plan's predictions.
+For each budget: make the plan (``make_plan``: damage measured on ``--data`` calibration images
+when given, else the analysis-free proxy; speed timed on the stated deployment), convert the
+model, then time the converted model against the original with ``vitcompress.bench.bench`` (the
+``bench`` command's own measurement: warm-up, interleaved rounds, median paired ratio) on the same
+device, batch size and thread count. Prints one JSON object per budget: the plan, the planner's
+measured speed-up, bench's speed-up and their relative difference (target: within 5%), then a
+summary object.
 
-    PYTHONPATH=src python benchmarks/plan_accuracy.py --threads 2
-    PYTHONPATH=src python benchmarks/plan_accuracy.py --model deit_small_patch16_224 --budgets 1.5x,2x,2.5x
+    PYTHONPATH=src python benchmarks/plan_accuracy.py                          # deit_small @ 224, random init, 1 thread
+    PYTHONPATH=src python benchmarks/plan_accuracy.py --threads 4 --method auto --budgets 2x
+    PYTHONPATH=src python benchmarks/plan_accuracy.py --data imagenette --model deit_small
+    PYTHONPATH=src python benchmarks/plan_accuracy.py --quick                  # demo model, one budget: seconds
 
-Timings need a quiet machine: other processes competing for the cores make both the
-calibration and the measurement noisy.
+Both measurements need a quiet machine: other processes on the same cores make them disagree for
+reasons that are not the planner's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
+from typing import Any, Optional
 
-import timm
 import torch
 
+from vitcompress.bench import bench
 from vitcompress.convert import convert
-from vitcompress.flops import count_flops
-from vitcompress.plan import make_plan, parse_budget
+from vitcompress.models import load_model
+from vitcompress.plan import Deployment, make_plan
+from vitcompress.plan_types import DEFAULT_METHOD, METHODS, Budget
+
+TARGET = 0.05  # the planner's measured speed-up should be within 5% of bench's
 
 
-def measure(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds per batch of each model over ``repeats`` interleaved rounds (order alternating)."""
-    names = list(models)
-    with torch.inference_mode():
-        for name in names:  # warm-up
-            models[name](x)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                start = time.perf_counter()
-                models[name](x)
-                times[name].append(time.perf_counter() - start)
-    return times
+def _calibration(data: Optional[str], spec: Any, count: int) -> Optional[torch.Tensor]:
+    if data is None:
+        return None
+    from vitcompress.pipeline import calibration_images, load_train_val
+
+    train, _ = load_train_val(data, spec.data_config, log=lambda message: print(message, file=sys.stderr))
+    return calibration_images(train, count)
 
 
-def main() -> int:
+def _row(budget: str, plan: Any, bench_speedup: float, bench_q: tuple[float, float], plan_s: float, bench_s: float,
+         caught: list[str]) -> dict[str, Any]:
+    m, p = plan.measured, plan.predicted
+    planner = m.get("speedup")
+    diff = None if planner is None else (planner - bench_speedup) / bench_speedup
+    return {
+        "budget": budget,
+        "target_speedup": Budget.parse(budget).speedup,
+        "plan": plan.describe(),
+        "method": plan.method,
+        "static_layers": plan.static_layers,
+        "reductions": [[r.before_block, r.scales] for r in plan.reductions],
+        "merge_r": plan.merges(),
+        "tokens_per_block": plan.tokens_per_block(),
+        "flop_speedup": p["flop_speedup"],
+        "planner_predicted_speedup": p["speedup"],
+        "planner_measured_speedup": planner,
+        "planner_speedup_quartiles": [m["speed"]["speedup_q25"], m["speed"]["speedup_q75"]] if m.get("speed") else None,
+        "bench_speedup": bench_speedup,
+        "bench_speedup_quartiles": list(bench_q),
+        "relative_difference": diff,
+        "within_target": None if diff is None else abs(diff) <= TARGET,
+        "budget_met": m["budget_met"],
+        "near_tie": m["near_tie"],
+        "damage": m.get("damage"),
+        "damage_source": p["damage_source"],
+        "timed_candidates": len(m.get("timed", [])),
+        "planning_seconds": plan_s,
+        "bench_seconds": bench_s,
+        "warnings": caught,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="deit_small_patch16_224", help="timm architecture (random init)")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--budgets", default="1.5x,2x,2.5x")
+    ap.add_argument("--model", default="deit_small_patch16_224", help="model name (random init unless --pretrained)")
+    ap.add_argument("--pretrained", action="store_true", help="load the model's weights (default: random init)")
+    ap.add_argument("--budgets", default="1.5x,2x,2.5x", help="comma-separated budgets")
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    ap.add_argument("--data", default=None, help="calibration data (training split) to measure damage on; default: the proxy")
+    ap.add_argument("--calibration-images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per budget")
-    ap.add_argument("--no-calibrate", action="store_true", help="plan from FLOPs only")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both measurements (explicit: default 1)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=1.5, help="the planner's timing per candidate")
+    ap.add_argument("--repeats", type=int, default=20, help="bench's timed rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="bench's warm-up rounds")
+    ap.add_argument("--quick", action="store_true", help="the demo model and one budget (a smoke test)")
+    ap.add_argument("--json", default=None, help="also write every result to this file")
+    args = ap.parse_args(argv)
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    name, random_init = args.model, not args.pretrained
+    if args.quick:
+        name, random_init, budgets = "demo", False, ["1.5x"]
+        args.batch_size, args.seconds, args.repeats = min(args.batch_size, 8), min(args.seconds, 0.3), min(args.repeats, 10)
+        args.calibration_images = min(args.calibration_images, 32)
+        args.data = args.data or "demo"
+    for b in budgets:
+        Budget.parse(b)
+    torch.set_num_threads(args.threads)  # damage measurement too: no oversubscribed cores between timings
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    base_flops = count_flops(model)
-    base_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} @ {args.img_size}, random init; batch {args.batch_size}; torch threads {threads}; "
-          f"torch {torch.__version__}, timm {timm.__version__}; calibrate={not args.no_calibrate}")
-    print(f"original: {base_flops / 1e9:.3f} GFLOPs/image, {base_params / 1e6:.3f} M params")
+    model, spec = load_model(name, random_init=random_init and name != "demo")
+    calibration = _calibration(args.data, spec, args.calibration_images)
+    deployment = Deployment(device=args.device, batch_size=args.batch_size, threads=args.threads, seconds=args.seconds)
+    header = {
+        "model": name, "weights": spec.weights, "method": args.method, "batch_size": args.batch_size,
+        "threads": args.threads, "device": args.device, "data": args.data,
+        "calibration_images": None if calibration is None else int(calibration.shape[0]),
+        "torch": torch.__version__, "target_relative_difference": TARGET,
+    }
+    print(json.dumps({"settings": header}), flush=True)
 
     rows = []
-    for budget in [b.strip() for b in args.budgets.split(",") if b.strip()]:
+    for budget in budgets:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            plan = make_plan(model, None, budget, calibrate=not args.no_calibrate, batch_size=args.batch_size, threads=threads)
+            plan = make_plan(model, None, budget, method=args.method, calibration=calibration, deployment=deployment,
+                             log=lambda message: print(f"  {message}", file=sys.stderr))
         plan_s = time.perf_counter() - start
-        torch.set_num_threads(threads)
         compressed = convert(model, plan)
-        flops = count_flops(compressed)
-        params = sum(p.numel() for p in compressed.parameters())
-        times = measure({"original": model, "compressed": compressed}, x, args.repeats)
-        t0, t1 = statistics.median(times["original"]), statistics.median(times["compressed"])
-        # Median of the per-round ratios: the two models of one round ran back to back, so a change
-        # in machine load between rounds cancels out (the ratio of medians is printed too).
-        paired = [o / c for o, c in zip(times["original"], times["compressed"])]
-        measured = statistics.median(paired)
-        p = plan.predicted
-        row = {
-            "budget": budget,
-            "target": parse_budget(budget),
-            "static_layers": plan.static_layers,
-            "reductions": [[r.before_block, r.scales] for r in plan.reductions],
-            "tokens_per_block": plan.tokens_per_block(),
-            "predicted_speedup": p["speedup"],
-            "predicted_flop_speedup": p["flop_speedup"],
-            "measured_speedup": measured,
-            "measured_speedup_ratio_of_medians": t0 / t1,
-            "paired_ratios": paired,
-            "error_pct": 100 * (p["speedup"] - measured) / measured,
-            "original_ms": t0 * 1e3,
-            "compressed_ms": t1 * 1e3,
-            "original_img_per_s": args.batch_size / t0,
-            "compressed_img_per_s": args.batch_size / t1,
-            "predicted_flops": p["flops"],
-            "counted_flops": flops,
-            "predicted_params": p["params"],
-            "counted_params": params,
-            "budget_met": p["budget_met"],
-            "planning_seconds": plan_s,
-            "warnings": [str(w.message) for w in caught],
-            "times_s": times,
-        }
+        start = time.perf_counter()
+        result = bench({"original": model, "compressed": compressed}, baseline="original", batch_sizes=(args.batch_size,),
+                       device=args.device, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+        bench_s = time.perf_counter() - start
+        measured = result.measurement("compressed", args.batch_size)
+        row = _row(budget, plan, float(measured.speedup), (float(measured.speedup_q25), float(measured.speedup_q75)),
+                   plan_s, bench_s, [str(w.message) for w in caught])
         rows.append(row)
-        print(f"\n{budget}: static {plan.static_layers}, reductions {row['reductions']}, tokens {row['tokens_per_block']} "
-              f"(planned in {plan_s:.1f} s)")
-        print(f"  original   {t0 * 1e3:9.1f} ms/batch  {args.batch_size / t0:7.2f} img/s   rounds (ms) {[round(t * 1e3) for t in times['original']]}")
-        print(f"  compressed {t1 * 1e3:9.1f} ms/batch  {args.batch_size / t1:7.2f} img/s   rounds (ms) {[round(t * 1e3) for t in times['compressed']]}")
-        print(f"  speed-up predicted {p['speedup']:.3f}x (FLOPs alone {p['flop_speedup']:.3f}x), measured {measured:.3f}x "
-              f"(median of per-round ratios {[round(v, 3) for v in paired]}; ratio of medians {t0 / t1:.3f}x), "
-              f"error {row['error_pct']:+.1f}%")
-        print(f"  FLOPs predicted {p['flops']:,} counted {flops:,} ({'match' if p['flops'] == flops else 'MISMATCH'}); "
-              f"params predicted {p['params']:,} counted {params:,} ({'match' if p['params'] == params else 'MISMATCH'})")
-        for w in row["warnings"]:
-            print(f"  warning: {w}")
+        print(json.dumps(row), flush=True)
 
-    print(f"\n| budget | static layers | reductions (before block: scales) | GFLOPs | params (M) | predicted | measured | error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        red = ", ".join(f"{b}: {s}" for b, s in r["reductions"]) or "-"
-        print(f"| {r['budget']} | {r['static_layers']} | {red} | {r['counted_flops'] / 1e9:.3f} | {r['counted_params'] / 1e6:.3f} | "
-              f"{r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['error_pct']:+.1f}% |")
-    print(f"(original: {base_flops / 1e9:.3f} GFLOPs, {base_params / 1e6:.3f} M params; batch {args.batch_size}, {threads} threads)")
+    diffs = [abs(r["relative_difference"]) for r in rows if r["relative_difference"] is not None]
+    summary = {
+        "summary": {
+            "budgets": budgets,
+            "max_abs_relative_difference": max(diffs) if diffs else None,
+            "all_within_target": bool(diffs) and all(d <= TARGET for d in diffs),
+        }
+    }
+    print(json.dumps(summary), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "threads": threads,
-                       "base_flops": base_flops, "base_params": base_params, "rows": rows}, f, indent=2)
+            json.dump({"settings": header, "results": rows, **summary}, f, indent=2)
     return 0
 
 

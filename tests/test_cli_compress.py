@@ -119,3 +119,29 @@ def test_bad_budget_fails_before_any_work(tmp_path, monkeypatch) -> None:
     result = runner.invoke(app, ["compress", "--budget", "abc"])
     assert result.exit_code == 2 and "budget 'abc' is not understood" in result.output
     assert not (tmp_path / "vitcompress-out").exists()  # nothing analysed or written
+
+
+def test_compress_with_token_merging_exports_a_model_that_loads(setup: tuple[str, Path]) -> None:
+    from vitcompress.export import load
+    from vitcompress.modules.tome import tome_schedule
+
+    model, _ = setup
+    result = runner.invoke(app, ["compress", model, "--tome-r", "2", "--data", "demo", "--steps", "2",
+                                 "--calibration-images", "16", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "token merging (r per block)" in result.stdout
+    output = Path("vitcompress-out/tiny-vit/model.safetensors")
+    meta = read_metadata(output)
+    assert meta["plan"]["method"] == "tome" and meta["plan"]["merge_r"] == [2, 2, 2, 2]
+    assert tome_schedule(load(output)) == [2, 2, 2, 2]
+
+
+def test_compress_plans_with_the_method_asked_for(setup: tuple[str, Path]) -> None:
+    model, _ = setup
+    result = runner.invoke(app, ["compress", model, "--method", "tome", "--budget", "1.2x", "--data", "demo",
+                                 "--no-finetune", "--no-calibrate", "--calibration-images", "16", *FAST])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(Path("vitcompress-out/tiny-vit/plan.json").read_text())
+    assert plan["method"] == "tome" and any(plan["merge_r"]) and not plan["reductions"] and not plan["static_layers"]
+    assert plan["measured"]["speedup"] is None  # --no-calibrate: predicted from FLOPs, and the plan says so
+    assert plan["predicted"]["speedup_source"] == "flops (not timed)"

@@ -1,11 +1,15 @@
-"""`vitcompress plan` on a tiny local model."""
+"""`vitcompress plan` on the demo model (measured damage on its digits) and on a tiny local model."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from timm.models import save_for_hf
 from typer.testing import CliRunner
 
@@ -16,8 +20,16 @@ from vitcompress.flops import count_flops
 from vitcompress.models import load_model
 from vitcompress.plan import load_plan
 
+PLAN = importlib.import_module("vitcompress.plan")
 runner = CliRunner()
 ARGS = {**TINY, "img_size": 64}  # 8x8 grid, 4 blocks
+CALIB = ("--calibration-images", "32")
+
+
+@pytest.fixture(autouse=True)
+def _short_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI times each candidate ~1.5 s; a tenth of that is plenty to test what it prints.
+    monkeypatch.setattr(PLAN, "Deployment", functools.partial(PLAN.Deployment, seconds=0.05))
 
 
 @pytest.fixture(scope="module")
@@ -27,34 +39,95 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _demo(out: Path, *args: str):
+    return runner.invoke(app, ["plan", "--out", str(out), *args])
+
+
 def _run(model_dir: Path, out: Path, *args: str):
     return runner.invoke(app, ["plan", f"local-dir:{model_dir}", "--out", str(out), *args])
 
 
-def test_plan_prints_and_writes_plan_json(model_dir: Path, tmp_path: Path) -> None:
-    result = _run(model_dir, tmp_path, "--budget", "1.5x", "--no-calibrate")
+def test_demo_plan_from_flops_with_measured_damage(tmp_path: Path) -> None:
+    result = _demo(tmp_path, "--budget", "2x", "--no-calibrate", *CALIB)
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "plan.json")
-    assert plan.predicted["budget_met"] and plan.budget == "1.5x" and plan.num_blocks == 4
-    model, _ = load_model(f"local-dir:{model_dir}")
-    assert plan.predicted["base_flops"] == count_flops(model)
-    assert "no analysis" in result.stderr and "plan written to" in result.stderr
+    assert plan.budget == "2x" and plan.num_blocks == 8 and plan.method == "dgssa-glad"
+    p, m = plan.predicted, plan.measured
+    assert m["budget_met"] and p["flop_speedup"] >= 2.0 and m["speedup"] is None and m["timed"] == []
+    assert p["damage_source"] == "measured parts (KL on calibration images)" and m["damage"]["images"] == 32
+    model, _ = load_model("demo")
+    assert p["base_flops"] == count_flops(model)
+    err = result.stderr
+    assert "using the built-in demo model" in err and "32 images of demo (split 'train')" in err and "plan written to" in err
     out = result.stdout
-    assert "predicted speed-up" in out and "FLOPs/image" in out and "params" in out and "met" in out
-    assert all(str(i) in out for i in range(4)) and "tokens" in out
+    assert "plan for demo: budget 2x (dgssa-glad)" in out and "FLOPs/image" in out and "params" in out
+    assert "predicted from FLOPs (not timed)" in out and "met" in out and "measured on the whole plan" in out
+    assert all(column in out for column in ("block", "kind", "tokens", "merge", "damage (KL)"))
     if plan.reductions:
         assert "GLAD" in out
 
 
-def test_unreachable_budget_exits_2_unless_allowed(model_dir: Path, tmp_path: Path) -> None:
-    result = _run(model_dir, tmp_path, "--budget", "500x", "--no-calibrate")
+def test_demo_plan_timed(tmp_path: Path) -> None:
+    # --allow-below-budget: whether timings of the demo at batch 4 reach 2x is not what is tested here.
+    result = _demo(tmp_path, "--budget", "2x", *CALIB, "--batch-size", "4", "--threads", "1", "--allow-below-budget")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path)
+    m = plan.measured
+    assert m["speedup"] > 0 and m["deployment"] == {"device": "cpu", "batch_size": 4, "threads": 1}
+    assert m["timed"] and plan.describe() in [t["plan"] for t in m["timed"]]
+    assert plan.predicted["speedup_source"] == "flops corrected by timed candidates"
+    out = result.stdout.replace("\n", " ")
+    assert f"{m['speedup']:.2f}x measured (quartiles" in out and "batch 4, 1 threads, cpu" in out
+    assert f"{len(m['timed'])} candidate(s) timed" in out
+    assert "timed " in result.stderr and "x measured" in result.stderr  # the planner's progress notes
+    assert ("writing it anyway" in result.stderr) == (not m["budget_met"])
+
+
+def test_token_merging_as_json(tmp_path: Path) -> None:
+    result = _demo(tmp_path, "--budget", "2x", "--method", "tome", "--no-calibrate", *CALIB, "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == load_plan(tmp_path).to_dict()
+    assert printed["method"] == "tome" and any(printed["merge_r"]) and not printed["static_layers"] and not printed["reductions"]
+    measured = printed["measured"]
+    assert {"budget_met", "speedup", "deployment", "damage", "part_damage", "timed", "near_tie"} <= set(measured)
+    assert measured["budget_met"] and measured["damage"]["images"] == 32 and measured["deployment"] is None
+    assert printed["predicted"]["merge_r"] == printed["merge_r"]
+
+
+def test_token_merging_table_shows_the_merges(tmp_path: Path) -> None:
+    result = _demo(tmp_path, "--budget", "1.5x", "--method", "tome", "--no-calibrate", "--calibration-images", "0")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path)
+    assert "--calibration-images 0: damage from the analysis proxy" in result.stderr
+    assert plan.predicted["damage_source"].startswith("proxy") and plan.measured["damage"] is None
+    assert "(tome)" in result.stdout and str(max(plan.merges())) in result.stdout
+
+
+def test_unknown_method_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = _demo(tmp_path, "--method", "fast", "--no-calibrate")
+    assert result.exit_code == 2
+    assert "--method 'fast' is not one of dgssa-glad, dgssa, glad, tome, auto" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "plan.json").exists()
+
+
+def test_unknown_device_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = _demo(tmp_path, "--device", "nonsense", "--calibration-images", "0")
+    assert result.exit_code == 2
+    assert "--device nonsense: unknown device; use cpu or cuda" in result.stderr
+    assert "error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_unreachable_budget_exits_2_unless_allowed(tmp_path: Path) -> None:
+    args = ("--budget", "500x", "--no-calibrate", "--calibration-images", "0")
+    result = _demo(tmp_path, *args)
     assert result.exit_code == 2
     assert "not reachable: best plan reaches" in result.stderr and "--allow-below-budget" in result.stderr
     assert "NOT met" in result.stdout  # the best plan is still shown
     assert not (tmp_path / "plan.json").exists()
-    result = _run(model_dir, tmp_path, "--budget", "500x", "--no-calibrate", "--allow-below-budget")
+    result = _demo(tmp_path, *args, "--allow-below-budget")
     assert result.exit_code == 0, result.output
-    assert load_plan(tmp_path).predicted["budget_met"] is False
+    assert load_plan(tmp_path).measured["budget_met"] is False
     assert "writing it anyway" in result.stderr
 
 
@@ -78,20 +151,14 @@ def _analysis(similarity: list[float], rank90_norm: list[float], num_tokens: int
 def test_analysis_in_the_out_folder_is_used(model_dir: Path, tmp_path: Path) -> None:
     analysis = _analysis([0.2, 0.95, 0.9, 0.5], [0.9, 0.6, 0.5, 0.2])
     (tmp_path / "analysis.json").write_text(json.dumps(analysis.to_dict()))
-    result = _run(model_dir, tmp_path, "--budget", "1.3x", "--no-calibrate", "--json")
+    uniform = {f"blocks.{i}": torch.full((2, 65, 65), 1 / 65) for i in range(4)}  # the means analyze writes beside it
+    save_file(uniform, str(tmp_path / "attention_means.safetensors"))
+    result = _run(model_dir, tmp_path, "--budget", "1.05x", "--method", "dgssa", "--no-calibrate", "--json")
     assert result.exit_code == 0, result.output
-    assert f"planning from the analysis in {tmp_path / 'analysis.json'}" in result.stderr.replace("\n", "")
+    err = result.stderr.replace("\n", "")
+    assert f"planning from the analysis in {tmp_path / 'analysis.json'}" in err
+    assert "no --data: damage from the analysis proxy" in err  # a local model has no data of its own
     printed = json.loads(result.stdout)
     assert printed == load_plan(tmp_path).to_dict()
-    assert "analysis of 'tiny'" in printed["predicted"]["selection"] and 0 not in printed["static_layers"]
-
-
-def test_calibrated_plan(model_dir: Path, tmp_path: Path) -> None:
-    # --allow-below-budget: whether timings of a tiny model reach the budget is not what is tested here.
-    result = _run(model_dir, tmp_path, "--budget", "1.1x", "--batch-size", "2", "--threads", "1", "--allow-below-budget")
-    assert result.exit_code == 0, result.output
-    plan = load_plan(tmp_path)
-    assert plan.predicted["calibrated"] and plan.predicted["threads"] == 1 and plan.predicted["batch_size"] == 2
-    assert "ms/batch" in result.stdout and "calibrated latency" in result.stdout
-    assert plan.predicted["verified"] and f"verified speed-up {plan.predicted['measured_speedup']:.2f}x" in result.stdout
-    assert "calibration took" in result.stderr
+    assert "analysis of 'tiny'" in printed["predicted"]["selection"] and printed["predicted"]["damage_source"].startswith("proxy")
+    assert printed["static_layers"] and 0 not in printed["static_layers"]  # the dynamic block 0 stays dynamic

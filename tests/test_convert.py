@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from timm.layers import Attention
 from torch import nn
 
+from conftest import tiny_vit
 from vitcompress.convert import convert, glad_modules, static_attention_modules, validate_plan
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 from vitcompress.modules import DGSSA
@@ -253,3 +255,59 @@ def test_onnx_export_matches_pytorch(tmp_path):
         expected = converted(x)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_token_merging_plans_are_validated_before_the_model_changes() -> None:
+    from vitcompress.modules.tome import is_patched
+
+    model = tiny_vit(img_size=64)  # 8x8 grid, 65 tokens
+    bad = [
+        (Plan(num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[40, 0, 0, 0]), "at most"),
+        (Plan(num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[2, 2]), "one count"),
+        (Plan(static_layers=[2], num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[2, 2, 2, 2]), "after the first merging block"),
+        (Plan(reductions=[Reduction(2, [2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[2, 2, 0, 0]), "both"),
+    ]
+    for plan, words in bad:
+        with pytest.raises(VitcompressError, match=words):
+            convert(model, plan, inplace=True)
+        assert not is_patched(model)
+
+
+def test_static_layers_before_merging_are_kept() -> None:
+    model = tiny_vit(img_size=64)
+    plan = Plan(static_layers=[0], num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[0, 4, 4, 4])
+    out = convert(model, plan)
+    assert list(static_attention_modules(out)) == [0]
+    assert out(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_glad_hands_token_sizes_to_the_blocks_after_it() -> None:
+    from vitcompress.modules.tome import token_size
+
+    model = tiny_vit(img_size=64)
+    plan = Plan(reductions=[Reduction(1, [4, 2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(8, 8),
+                proportional_attention=True)
+    out = convert(model, plan)
+    seen = []
+    out.blocks[2].register_forward_pre_hook(lambda m, a: seen.append(token_size(m).clone()))
+    out(torch.randn(2, 3, 64, 64))
+    sizes = seen[0][0, :, 0]
+    assert sizes[0] == 1  # the class token stands for itself
+    assert sizes[1:17].tolist() == [4.0] * 16 and sizes[17:21].tolist() == [16.0] * 4 and sizes[21] == 64
+    plain = convert(model, dataclasses.replace(plan, proportional_attention=False))
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(out(x), plain(x))  # sizes change attention after the stage
+
+
+def test_glad_attention_init_mixes_tokens_by_the_mean_attention() -> None:
+    model = tiny_vit(img_size=64)
+    n = 65
+    probs = torch.softmax(torch.randn(2, n, n), -1)
+    plan = Plan(reductions=[Reduction(1, [4, 1])], num_blocks=4, num_prefix_tokens=1, grid=(8, 8), glad_init="attention")
+    glad = glad_modules(convert(model, plan, {1: probs}))[1]
+    rows = probs.double().mean(0)[1:, 1:]
+    rows = rows / rows.sum(-1, keepdim=True)
+    support = glad.support.double()
+    expected = (support / support.sum(-1, keepdim=True)) @ rows
+    torch.testing.assert_close(glad.weight.double(), expected.to(glad.weight.dtype).double())
+    torch.testing.assert_close(glad.weight.sum(-1), torch.ones(17))

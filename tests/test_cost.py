@@ -1,4 +1,5 @@
-"""Cost model: analytic FLOPs/params against counted ones, latency calibration mechanics."""
+"""Cost model: analytic FLOPs/params (static attention, token aggregation, token merging) against
+the ones counted on converted models."""
 
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ from vitcompress.convert import convert
 from vitcompress.cost import (
     DYNAMIC,
     STATIC,
-    LatencyModel,
     base_flops,
-    fit_quadratic,
+    flop_speedup,
     glad_macs_per_channel,
+    merge_macs,
     model_geometry,
     plan_flops,
     plan_layout,
     plan_params,
-    time_interleaved,
-    torch_threads,
 )
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 from vitcompress.flops import count_flops
-from vitcompress.plan import Plan, Reduction
+from vitcompress.plan import Plan, Reduction, tome_plan
 
 VARIANTS = [
     ("deit_tiny_patch16_224", {}),
@@ -35,15 +34,21 @@ VARIANTS = [
 GEOMETRY = dict(img_size=64, patch_size=8, depth=6)  # 8x8 grid
 
 
-def _plan_for(model: torch.nn.Module) -> Plan:
+def _plan_for(model: torch.nn.Module, **changes) -> Plan:
     g = model_geometry(model)
-    return Plan(
-        static_layers=[0, 2],
-        reductions=[Reduction(3, [4, 2, 1]), Reduction(5, [2, 1])],
-        num_blocks=g.depth,
-        num_prefix_tokens=g.num_prefix_tokens,
-        grid=g.grid,
-    )
+    fields = dict(static_layers=[0, 2], reductions=[Reduction(3, [4, 2, 1]), Reduction(5, [2, 1])])
+    return Plan(num_blocks=g.depth, num_prefix_tokens=g.num_prefix_tokens, grid=g.grid, **{**fields, **changes})
+
+
+def _plans_for(model: torch.nn.Module) -> dict[str, Plan]:
+    return {
+        "static + glad": _plan_for(model),
+        "static only": _plan_for(model, reductions=[]),
+        "tome constant": tome_plan(model, 2),
+        "tome decreasing": tome_plan(model, 5, kind="decreasing"),
+        "tome clipped": tome_plan(model, 40),  # more than the later blocks can merge: clipped
+        "static then tome": _plan_for(model, static_layers=[0], reductions=[], merge_r=[0, 6, 5, 4, 3, 0]),
+    }
 
 
 @pytest.mark.parametrize("arch, kwargs", VARIANTS)
@@ -52,10 +57,34 @@ def test_analytic_flops_and_params_equal_counted_ones(arch: str, kwargs: dict) -
     geom = model_geometry(model)
     assert base_flops(geom) == count_flops(model)
     assert geom.params == sum(p.numel() for p in model.parameters())
-    plan = _plan_for(model)
-    converted = convert(model, plan)
-    assert plan_flops(geom, plan) == count_flops(converted)
-    assert plan_params(geom, plan) == sum(p.numel() for p in converted.parameters())
+    for name, plan in _plans_for(model).items():
+        converted = convert(model, plan)
+        assert plan_flops(geom, plan) == count_flops(converted), name
+        assert plan_params(geom, plan) == sum(p.numel() for p in converted.parameters()), name
+        assert flop_speedup(geom, plan) == base_flops(geom) / count_flops(converted) > 1.0, name
+
+
+def test_token_merging_costs_attention_on_n_matching_then_mlp_on_n_minus_r() -> None:
+    model = tiny_vit(**GEOMETRY)  # C = 32, 2 heads of 16, MLP ratio 4, one prefix token
+    block = model_geometry(model).blocks[0]
+    c, d, n, r = 32, 16, 65, 7
+    attention = n * 4 * c * c + 2 * n * n * c
+    matching = 32 * 32 * d  # A and B: 32 patch tokens each, similarity on the keys averaged over heads
+    assert merge_macs(n, 1, d) == matching and merge_macs(n + 1, 1, d) == 33 * 32 * d
+    assert block.macs(n, merge=r) == attention + matching + (n - r) * 8 * c * c
+    assert block.macs(n, merge=0) == block.macs(n)  # r = 0: no matching either
+    assert block.macs(n, merge=r, num_prefix_tokens=2) == attention + 32 * 31 * d + (n - r) * 8 * c * c
+
+
+def test_merging_layout_follows_the_schedule() -> None:
+    model = tiny_vit(**GEOMETRY)
+    plan = tome_plan(model, 5, kind="decreasing")
+    assert plan.merges() == [10, 8, 6, 4, 2, 0] and plan.method == "tome"
+    layout = plan_layout(model_geometry(model), plan)
+    assert layout.blocks == tuple((DYNAMIC, n, r) for n, r in zip([65, 55, 47, 41, 37, 35], [10, 8, 6, 4, 2, 0]))
+    assert layout.glads == ()
+    clipped = tome_plan(model, 40).merges()
+    assert clipped[0] == 32 and sum(clipped) <= 63  # at most every A token, at least one patch token left
 
 
 def test_block_macs_follow_the_textbook_formula() -> None:
@@ -73,7 +102,7 @@ def test_block_macs_follow_the_textbook_formula() -> None:
 def test_layout_follows_the_plan() -> None:
     model = tiny_vit(**GEOMETRY)
     layout = plan_layout(model_geometry(model), _plan_for(model))
-    assert layout.blocks == ((STATIC, 65), (DYNAMIC, 65), (STATIC, 65), (DYNAMIC, 22), (DYNAMIC, 22), (DYNAMIC, 6))
+    assert layout.blocks == ((STATIC, 65, 0), (DYNAMIC, 65, 0), (STATIC, 65, 0), (DYNAMIC, 22, 0), (DYNAMIC, 22, 0), (DYNAMIC, 6, 0))
     assert layout.glads == ((3, (4, 2, 1), ((8, 8),)), (5, (2, 1), ((4, 4), (2, 2), (1, 1))))
 
 
@@ -90,68 +119,3 @@ def test_converted_model_is_not_planned_again() -> None:
     converted = convert(model, _plan_for(model))
     with pytest.raises(UnsupportedModelError, match="already converted"):
         model_geometry(converted)
-
-
-def test_fit_quadratic_recovers_exact_coefficients() -> None:
-    a, b, c = 0.5, 0.01, 2e-4
-    points = [(n, a + b * n + c * n * n) for n in (5, 20, 60, 197)]
-    assert fit_quadratic(points) == pytest.approx([a, b, c], rel=1e-9)
-    assert fit_quadratic([(10, 3.0)]) == [3.0, 0.0, 0.0]  # one point: a constant
-
-
-def test_time_interleaved_calls_each_function_in_every_round() -> None:
-    calls = {"a": 0, "b": 0}
-
-    def make(name: str):
-        def fn() -> None:
-            calls[name] += 1
-
-        return fn
-
-    table = time_interleaved([make("a"), make("b")], torch.device("cpu"), rounds=4, round_seconds=0.0)
-    assert len(table) == 4 and all(len(row) == 2 and min(row) >= 0 for row in table)
-    assert calls == {"a": 5, "b": 5}  # one warm-up call and one call per round (round_seconds=0)
-
-
-def test_torch_threads_sets_and_restores() -> None:
-    before = torch.get_num_threads()
-    with torch_threads(1) as n:
-        assert n == 1 == torch.get_num_threads()
-    assert torch.get_num_threads() == before
-    with pytest.raises(VitcompressError, match="threads"):
-        with torch_threads(0):
-            pass
-
-
-def test_calibration_times_the_parts_and_the_plans_own_cases() -> None:
-    model = tiny_vit(**GEOMETRY)
-    geom = model_geometry(model)
-    lat = LatencyModel.calibrate(model, batch_size=2, threads=1, token_counts=[6, 22], glads=[((4, 2, 1), ((8, 8),))], rounds=2)
-    assert (lat.device, lat.threads, lat.batch_size) == ("cpu", 1, 2)
-    assert set(lat.block_times) == {(DYNAMIC, 65), (STATIC, 65), (DYNAMIC, 6), (DYNAMIC, 22)}
-    assert lat.block_times[(DYNAMIC, 65)] == lat.reference_s > 0
-    assert lat.fixed_s > 0 and all(t > 0 for t in lat.glad_times.values())
-    layout = plan_layout(geom, _plan_for(model))
-    assert not lat.measured(layout)  # the second GLAD stage was not timed
-    estimate = lat.glad_s((2, 1), ((4, 4), (2, 2), (1, 1)))
-    timed = lat.glad_times[((4, 2, 1), ((8, 8),))]
-    assert estimate == pytest.approx(timed * (5 * 21) / (21 * 64))  # scaled by multiply-adds
-    lat.ensure(layout)
-    assert lat.measured(layout)
-    total, blocks, glads = lat.layout_s(layout)
-    assert blocks[0] == lat.block_times[(STATIC, 65)] and blocks[5] == lat.block_times[(DYNAMIC, 6)]
-    assert total == pytest.approx(lat.fixed_s + sum(blocks) + sum(glads))
-    data = lat.to_dict()
-    assert {(d["kind"], d["tokens"]) for d in data["blocks_ms"]} == set(lat.block_times)
-
-
-def test_untimed_cases_come_from_the_fit() -> None:
-    lat = LatencyModel(device="cpu", threads=1, batch_size=1, num_tokens=100, reference_s=1.2)
-    a, b, c = 0.1, 0.001, 1e-4
-    for n in (10, 40, 100):
-        lat.block_times[(DYNAMIC, n)] = a + b * n + c * n * n
-    lat.block_times[(STATIC, 100)] = 0.6
-    assert lat.block_s(DYNAMIC, 70) == pytest.approx(a + b * 70 + c * 4900)
-    assert lat.block_s(STATIC, 70) == pytest.approx(0.6 / 1.2 * (a + b * 70 + c * 4900))
-    with pytest.raises(VitcompressError, match="calibrate again"):
-        lat.ensure(plan_layout(model_geometry(tiny_vit(**GEOMETRY)), _plan_for(tiny_vit(**GEOMETRY))))

@@ -190,3 +190,52 @@ def test_onnx_matches_pytorch(tmp_path: Path) -> None:
         assert np.abs(got - expected).max() <= 1e-4
     with pytest.raises(VitcompressError, match="--force"):
         export_onnx(model, onnx_path)
+
+
+def _tome_student(variant: str, extra_plan: dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    arch, extra = VARIANTS[variant]
+    spec = ModelSpec(model_id=f"tiny-{variant}", architecture=arch, model_args={**BASE_ARGS, "img_size": 64, **extra},
+                     data_config={"input_size": [3, 64, 64]}, weights="random")
+    torch.manual_seed(0)
+    teacher = build_model(spec).eval()
+    prefix = int(teacher.num_prefix_tokens)
+    plan = Plan(num_blocks=4, num_prefix_tokens=prefix, grid=(8, 8), merge_r=[8, 6, 4, 2], method="tome",
+                **(extra_plan or {}))
+    student = convert(teacher, plan).eval()
+    meta = {"model": spec.to_dict(), "data_config": spec.data_config, "plan": plan.to_dict()}
+    return teacher, student, meta
+
+
+@pytest.mark.parametrize("variant", ["deit", "distilled", "layerscale", "registers_avg"])
+def test_token_merging_converts_exports_reloads_and_matches(tmp_path: Path, variant: str) -> None:
+    teacher, student, meta = _tome_student(variant)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = student(x)
+        assert not torch.allclose(expected, teacher(x))  # merging changed something
+    path = export(student, tmp_path / "tome.safetensors", meta)
+    reloaded = load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+    from vitcompress.modules.tome import tome_schedule
+
+    assert tome_schedule(reloaded) == [8, 6, 4, 2]
+
+
+def test_token_merging_with_r_zero_is_the_original(tmp_path: Path) -> None:
+    teacher, _, _ = _tome_student("layerscale")
+    plan = Plan(num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[0, 0, 0, 0])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(convert(teacher, plan)(x), teacher(x), rtol=0, atol=0)
+
+
+def test_proportional_glad_plan_reloads_and_matches(tmp_path: Path) -> None:
+    student, meta = compressed("deit")
+    plan = Plan.from_dict({**meta["plan"], "proportional_attention": True})
+    teacher = build_model(ModelSpec.from_dict(meta["model"])).eval()
+    sized = convert(teacher, plan).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = export(sized, tmp_path / "sized.safetensors", {**meta, "plan": plan.to_dict()})
+    with torch.no_grad():
+        torch.testing.assert_close(load(path)(x), sized(x), rtol=0, atol=0)

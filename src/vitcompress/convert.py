@@ -139,10 +139,10 @@ def _check_merges(plan: Plan, depth: int) -> None:
     if plan.reductions:
         raise VitcompressError("a plan cannot both aggregate tokens (GLAD) and merge them (token merging): choose one")
     first = next(i for i, r in enumerate(merges) if r > 0)
-    late = [i for i in plan.static_layers if i > first]
+    late = [i for i in plan.static_layers if i >= first]
     if late:
         raise VitcompressError(
-            f"static layers {late} come after token merging starts (block {first}): static attention needs "
+            f"static layers {late} are at or after the first merging block ({first}): static attention needs "
             f"a fixed set of tokens; put static layers first or merge later"
         )
     for i, (n, r) in enumerate(zip(plan.tokens_per_block(), merges)):

@@ -26,6 +26,7 @@ says which.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -318,6 +319,21 @@ class Deployment:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads or torch.get_num_threads()}
 
 
+def _device(name: str) -> torch.device:
+    """The deployment's device, refused at once (not after the damage measurements) if absent."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise VitcompressError(f"--device {name}: unknown device; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitcompressError("--device cuda: no CUDA GPU is visible to this torch: use --device cpu")
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device.type != "cpu":
+        raise VitcompressError(f"--device {name}: unsupported device type; use cpu or cuda")
+    return device
+
+
 class _Speeds:
     """Measured speed-ups of whole candidates, and predictions for the untimed ones."""
 
@@ -325,7 +341,11 @@ class _Speeds:
         self.deployment, self.means = deployment, means
         self.timed: list[Candidate] = []
         if deployment is not None:
-            self.model = model.to(deployment.device).eval()
+            # A copy on the deployment's device: moving the caller's model (``.to`` is in place)
+            # would also move the one the damage is measured with, away from its images.
+            device = _device(deployment.device)
+            on = next(model.parameters()).device
+            self.model = (model if on == device else copy.deepcopy(model).to(device)).eval()
             self.size = input_size(model)
 
     def predict(self, c: Candidate) -> float:
@@ -388,6 +408,8 @@ def make_plan(
     model = model.eval()
     geom = model_geometry(model)
     scores, selection = layer_scores(analysis, geom.depth, geom.num_tokens)
+    deployment = deployment or Deployment()
+    speeds = _Speeds(model, deployment if measure_speed else None, attention_means)
     meter = None
     if calibration is not None:
         say(f"measuring damage on {calibration.shape[0]} calibration images")
@@ -397,8 +419,6 @@ def make_plan(
     candidates = _candidates(geom, method, static_order, max_stages)
     if not candidates:
         raise VitcompressError(f"method {method} has no candidate plans for this model")
-    deployment = deployment or Deployment()
-    speeds = _Speeds(model, deployment if measure_speed else None, attention_means)
     say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
         if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
     chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)

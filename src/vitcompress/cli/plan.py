@@ -134,7 +134,7 @@ def _calibration(name: str, data: Optional[str], spec: Any, count: int) -> Any:
 
     train, _ = load_train_val(source, spec.data_config, log=note)
     images = calibration_images(train, count)
-    note(f"measuring damage on {images.shape[0]} images of {train.source} (split '{train.split}')")
+    note(f"calibration images: {images.shape[0]} of {train.source} (split '{train.split}')")
     return images
 
 
