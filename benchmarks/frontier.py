@@ -138,16 +138,18 @@ def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torc
     import warnings
 
     from vitcompress.convert import convert
+    from vitcompress.damage import DamageMeter
     from vitcompress.plan import Deployment, make_plan
 
     torch.set_num_threads(args.threads)  # the planner times candidates: the deployment's threads
     deployment = Deployment(device="cpu", batch_size=32, threads=args.threads)
+    meter = DamageMeter(teacher, calib, analysis.attention_means)  # one meter: each change measured once
     entries = []
     for method in args.methods.split(","):
         for target in (float(s) for s in args.speedups.split(",")):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable target is a row that says so
-                plan = make_plan(teacher, analysis, target, method=method, calibration=calib,
+                plan = make_plan(teacher, analysis, target, method=method, calibration=meter,
                                  attention_means=analysis.attention_means, deployment=deployment, log=_log)
             _log(f"{method} {target}x: {plan.describe()} (measured {plan.measured.get('speedup') or 0:.2f}x)")
             entries.append(Entry(method, "mean-init", target, plan, convert(teacher, plan, analysis.attention_means)))

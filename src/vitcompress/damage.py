@@ -9,6 +9,7 @@ onward (a static layer, a GLAD stage) are measured from the original's cached in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -59,6 +60,7 @@ class DamageMeter:
         self.part_count = min(int(part_images), self.images.shape[0])
         self.reference = self._log_probs(self.model, self.images)
         self.block_inputs = self._block_inputs(self.images[: self.part_count])
+        self._memo: dict[tuple[str, Optional[int]], Damage] = {}
 
     @torch.inference_mode()
     def _log_probs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -81,14 +83,24 @@ class DamageMeter:
         return [torch.cat(parts) for parts in stored]
 
     def whole(self, plan: Plan) -> Damage:
-        """Damage of the model converted with ``plan``, on every calibration image."""
-        student = convert(self.model, plan, self.means).eval()
-        return _compare(self.reference, self._log_probs(student, self.images))
+        """Damage of the model converted with ``plan``, on every calibration image (memoised)."""
+        key = (_plan_key(plan), None)
+        if key not in self._memo:
+            student = convert(self.model, plan, self.means).eval()
+            self._memo[key] = _compare(self.reference, self._log_probs(student, self.images))
+        return self._memo[key]
 
-    @torch.inference_mode()
     def from_block(self, plan: Plan, first_block: int) -> Damage:
         """Damage of ``plan`` when it changes nothing before ``first_block``: the converted blocks
-        run from the original's cached input to that block (on the first ``part_images`` images)."""
+        run from the original's cached input to that block (on the first ``part_images`` images).
+        Memoised, so planning several budgets with one meter measures each change once."""
+        key = (_plan_key(plan), int(first_block))
+        if key not in self._memo:
+            self._memo[key] = self._from_block(plan, int(first_block))
+        return self._memo[key]
+
+    @torch.inference_mode()
+    def _from_block(self, plan: Plan, first_block: int) -> Damage:
         student = convert(self.model, plan, self.means).eval()
         x_all = self.block_inputs[first_block]
         outs = []
@@ -102,6 +114,12 @@ class DamageMeter:
         if state is not None:
             state.size = None
         return _compare(self.reference[: self.part_count], torch.cat(outs))
+
+
+def _plan_key(plan: Plan) -> str:
+    """What a plan changes (not what was predicted or measured about it)."""
+    d = plan.to_dict()
+    return json.dumps({k: d[k] for k in ("static_layers", "reductions", "merge_r", "proportional_attention", "glad_init")})
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:

@@ -380,7 +380,7 @@ def make_plan(
     budget: Union[str, float, Budget] = "2x",
     *,
     method: str = DEFAULT_METHOD,
-    calibration: Optional[torch.Tensor] = None,
+    calibration: Union[torch.Tensor, DamageMeter, None] = None,
     attention_means: Optional[Mapping[int, torch.Tensor]] = None,
     deployment: Optional[Deployment] = None,
     measure_speed: bool = True,
@@ -393,8 +393,9 @@ def make_plan(
         analysis: an ``Analysis`` of this model (used for the proxy without calibration images,
             and recorded), or None.
         method: one of ``METHODS`` (see the module docstring).
-        calibration: images [N, C, H, W] from the training split to measure damage on (None: the
-            analysis proxy).
+        calibration: images [N, C, H, W] from the training split to measure damage on, or a
+            ``DamageMeter`` built on them (reused across calls: each change is measured once);
+            None: the analysis proxy.
         attention_means: ``{block: [H, N, N]}`` mean attention (static layers start from it, as in
             ``convert``); without it static layers start uniform, and their measured damage says so.
         deployment: device, batch size and threads to time on (default: CPU, batch 32, torch's threads).
@@ -410,8 +411,8 @@ def make_plan(
     scores, selection = layer_scores(analysis, geom.depth, geom.num_tokens)
     deployment = deployment or Deployment()
     speeds = _Speeds(model, deployment if measure_speed else None, attention_means)
-    meter = None
-    if calibration is not None:
+    meter = calibration if isinstance(calibration, DamageMeter) else None
+    if calibration is not None and meter is None:
         say(f"measuring damage on {calibration.shape[0]} calibration images")
         meter = DamageMeter(model, calibration, attention_means)
     damages = _Damages(geom, meter, scores)
