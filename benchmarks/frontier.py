@@ -6,9 +6,10 @@
 For every target speed-up (1.5x, 2x, 2.5x, 3x) and every method (``dgssa-glad``, ours; ``tome``,
 token merging; and the ablations ``dgssa`` and ``glad`` alone), the planner chooses the plan
 (damage measured on training images, speed measured at batch 32 with ``--threads``; for token
-merging this chooses r by measured speed-up). Each plan is evaluated training-free and after the
-same fine-tune (``--steps`` distillation steps, the recipe of ``vitcompress compress``); one extra
-row fine-tunes our 2x plan's static layers from uniform attention instead of the mean map (does
+merging this chooses r by measured speed-up). Each plan is evaluated training-free; the plans of
+``--finetune-methods`` (ours and token merging by default; ``auto`` and ``glad`` rows reuse them
+when they chose the same plan) also after the same fine-tune (``--steps`` distillation steps, the
+recipe of ``vitcompress compress``); one extra row fine-tunes our 2x plan's static layers from uniform attention instead of the mean map (does
 inheriting the dynamic attention matter?). Then every model is timed in ONE interleaved ``bench``
 run with the original (batch 32 and batch 1, ``--threads``), so all speed-ups compare.
 
@@ -17,8 +18,8 @@ split, and a validation slice held out of the training split (``--val-images``) 
 the test top-1 (``val_top1``) for any choice made from this table.
 
 Writes ``--out``/frontier.json (rows: method, variant, target_speedup, finetune_steps, top1,
-val_top1, speedup, speedup_q25, speedup_q75, batch_size, threads, reached, plan), frontier.csv
-and frontier.png (top-1 against measured speed-up at batch 32, one line per method and training
+val_top1, speedup, speedup_q25, speedup_q75, batch_size, threads, reached, plan), frontier.csv,
+frontier.md (the table in the README) and frontier.png (top-1 against measured speed-up at batch 32, one line per method and training
 mode).
 """
 
@@ -50,22 +51,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--speedups", default="1.5,2,2.5,3", help="target speed-ups, comma-separated")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--steps", type=int, default=300,
-                   help="fine-tuning steps for every fine-tuned row (0: training-free only); 300 x 64 images fits the "
-                        "whole run in about an hour on 2 CPU cores")
+    p.add_argument("--steps", type=int, default=200,
+                   help="fine-tuning steps for every fine-tuned row (0: training-free only); 200 x 64 images keeps the "
+                        "whole run near an hour on 2 CPU cores")
+    p.add_argument("--finetune-methods", default="dgssa-glad,tome",
+                   help="methods whose plans are fine-tuned (the others get training-free rows; a method whose "
+                        "plans equal another's shares its fine-tuned rows)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every timing (stated in every row)")
     p.add_argument("--train-threads", type=int, default=2, help="torch threads while fine-tuning and evaluating")
     p.add_argument("--val-images", type=int, default=1000, help="validation slice held out of the training split")
     p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--analysis-samples", type=int, default=256, help="training images the attention analysis uses")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds of the final bench run")
+    p.add_argument("--plan-seconds", type=float, default=1.5, help="seconds the planner times each candidate for")
     p.add_argument("--no-uniform-ablation", action="store_true")
     p.add_argument("--quick", action="store_true", help="the built-in demo model and data, 2x only, 20 steps")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--render", metavar="FRONTIER_JSON", help="only re-write the CSV, table and plot of an earlier run")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.data, args.speedups, args.methods = "demo", "demo", "2", "dgssa-glad,tome"
         args.steps, args.val_images, args.calibration_images, args.repeats = min(args.steps, 20), 200, 64, 3
+        args.analysis_samples = 64
     return args
 
 
@@ -85,6 +93,12 @@ class Entry:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        from vitcompress._io import read_json
+
+        report = read_json(args.render, "run benchmarks/frontier.py again")
+        _write(Path(args.out), report)
+        return report
     from vitcompress.analyze import analyze
     from vitcompress.bench import evaluate_top1
     from vitcompress.data import load_train_val, train_val_split
@@ -99,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train, val = train_val_split(train_all, args.val_images, seed=0)
     _log(f"{len(train)} training images, {len(val)} validation images (held out of train), {len(test)} test images")
     val_batches, test_batches = _cached(val), _cached(test)
-    analysis = analyze(teacher, train, samples=256, model_id=args.model, data_source=f"{args.data} [train]")
+    analysis = analyze(teacher, train, samples=args.analysis_samples, model_id=args.model, data_source=f"{args.data} [train]")
     calib = calibration_images(train, args.calibration_images)
     report: dict[str, Any] = {
         "teacher": {"top1": evaluate_top1(teacher, test_batches), "val_top1": evaluate_top1(teacher, val_batches)},
@@ -142,7 +156,7 @@ def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torc
     from vitcompress.plan import Deployment, make_plan
 
     torch.set_num_threads(args.threads)  # the planner times candidates: the deployment's threads
-    deployment = Deployment(device="cpu", batch_size=32, threads=args.threads)
+    deployment = Deployment(device="cpu", batch_size=32, threads=args.threads, seconds=args.plan_seconds)
     meter = DamageMeter(teacher, calib, analysis.attention_means)  # one meter: each change measured once
     entries = []
     for method in args.methods.split(","):
@@ -175,7 +189,11 @@ def _finetune_all(args: argparse.Namespace, entries: list[Entry], teacher: Any, 
     from vitcompress.finetune import FinetuneConfig, finetune
 
     trained, done_by_key = [], {}
-    todo = [e for e in entries if e.plan.measured.get("budget_met") or e.variant != "mean-init"]
+    tuned = set(args.finetune_methods.split(","))
+    todo = [e for e in entries if e.method in tuned and (e.plan.measured.get("budget_met") or e.variant != "mean-init")]
+    keys = {(_plan_key(e.plan), e.variant) for e in todo}
+    shared = [e for e in entries if e.method not in tuned and (_plan_key(e.plan), e.variant) in keys]
+    todo += shared  # same plan as a fine-tuned one: its rows reuse that model
     for k, e in enumerate(todo):
         key = (_plan_key(e.plan), e.variant)
         if key not in done_by_key:
@@ -235,8 +253,33 @@ def _write(out: Path, report: dict[str, Any]) -> None:
     for row in report["rows"]:
         writer.writerow({**{c: ("" if row[c] is None else row[c]) for c in COLUMNS}, "plan": _describe(row["plan"])})
     write_text_atomic(out / "frontier.csv", table.getvalue())
+    write_text_atomic(out / "frontier.md", markdown_table(report))
     _plot(out / "frontier.png", report)
-    _log(f"wrote {out / 'frontier.json'}, frontier.csv and frontier.png")
+    _log(f"wrote {out / 'frontier.json'}, frontier.csv, frontier.md and frontier.png")
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The frontier as a markdown table: one line per (method, target, variant), top-1 training-free
+    and fine-tuned, measured speed-up at batch 32 and batch 1."""
+    cells: dict[tuple, dict[str, Any]] = {}
+    for r in report["rows"]:
+        key = (r["target_speedup"], r["method"], r["variant"])
+        c = cells.setdefault(key, {"plan": _describe(r["plan"])})
+        c["free" if not r["finetune_steps"] else "tuned"] = r["top1"]
+        c[f"b{r['batch_size']}"] = r["speedup"]
+        if r["batch_size"] == 32:
+            c["reached"] = r["reached"]
+    steps = report["settings"]["steps"]
+    teacher = report["teacher"]["top1"]
+    lines = [f"| target | method | variant | plan | top-1 training-free | top-1 after {steps} steps | speed-up b32 | speed-up b1 |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| - | original | - | - | {100 * teacher:.2f}% | - | 1.00x | 1.00x |"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    for (target, method, variant), c in sorted(cells.items()):
+        reach = "" if c.get("reached") else " (not reached)"
+        lines.append(f"| {target:g}x | {method} | {variant} | {c['plan']} | {pct(c.get('free'))} | {pct(c.get('tuned'))} | "
+                     f"{c.get('b32', 0):.2f}x{reach} | {c.get('b1', 0):.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def _describe(plan: dict[str, Any]) -> str:

@@ -58,7 +58,7 @@ def test_demo_plan_from_flops_with_measured_damage(tmp_path: Path) -> None:
     model, _ = load_model("demo")
     assert p["base_flops"] == count_flops(model)
     err = result.stderr
-    assert "using the built-in demo model" in err and "32 images of demo (split 'train')" in err and "plan written to" in err
+    assert "using the built-in demo model" in err and "calibration images: 32 of demo (split 'train')" in err and "plan written to" in err
     out = result.stdout
     assert "plan for demo: budget 2x (dgssa-glad)" in out and "FLOPs/image" in out and "params" in out
     assert "predicted from FLOPs (not timed)" in out and "met" in out and "measured on the whole plan" in out

@@ -59,7 +59,7 @@ from vitcompress.distributed import (  # DistInfo ... default_device: re-exporte
     init_distributed,
     reduce_device,
 )
-from vitcompress.errors import CheckpointFormatError, DataError, VitcompressError
+from vitcompress.errors import CheckpointFormatError, DataError, TrainingDivergedError, VitcompressError
 from vitcompress.names import CHECKPOINT_FILE
 
 CHECKPOINT_NAME = CHECKPOINT_FILE
@@ -237,11 +237,13 @@ def attention_guidance_loss(static_probs: torch.Tensor, teacher_probs: torch.Ten
 
 def output_guidance_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-image distillation of a static layer: the mean squared error between the static
-    attention's output and the teacher's dynamic attention output at that layer, for every image
-    and token, over the teacher's mean square. Unlike a loss on the maps (whose optimum is the
+    attention's output and the teacher's dynamic attention output at that layer, over the teacher's
+    mean square, per image, averaged over images. Unlike a loss on the maps (whose optimum is the
     batch-mean map the static logits start from), its gradient carries each image's own behaviour."""
     t = teacher_out.float()
-    return F.mse_loss(student_out.float(), t) / (t.pow(2).mean() + eps)
+    # Per image, then averaged: processes of a DDP run with equal batches average to the same loss.
+    per_image = (student_out.float() - t).pow(2).flatten(1).mean(1) / (t.pow(2).flatten(1).mean(1) + eps)
+    return per_image.mean()
 
 
 def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, num_prefix_tokens: int, eps: float = 1e-8) -> torch.Tensor:
@@ -367,10 +369,39 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointFormatError(
             f"{path} cannot be read ({exc}): delete it to start over, or point --workdir elsewhere"
         ) from None
-    meta = json.loads(raw)
+    meta = _checkpoint_meta(raw, path)
     if meta.get("kind") != CHECKPOINT_KIND or int(meta.get("version", 0)) > CHECKPOINT_VERSION:
         raise CheckpointFormatError(f"{path}: unknown or newer checkpoint format; upgrade vitcompress")
     return tensors, meta
+
+
+_CHECKPOINT_META_LIMIT = 8 * 1024 * 1024  # the state (losses, history, config) is kilobytes
+
+
+def _checkpoint_meta(raw: str, path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's state: JSON data (parsed, never evaluated), refused when oversized or garbled."""
+    if len(raw) > _CHECKPOINT_META_LIMIT:
+        raise CheckpointFormatError(f"{path}: its metadata is {len(raw) / 2**20:.1f} MB, far more than a checkpoint holds: "
+                                    "refusing to parse it; delete it to start over")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{path}: its checkpoint metadata is not a JSON object; delete it to start over")
+    return meta
+
+
+def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
+    """The step a checkpoint was saved at (its metadata only, no tensors read), or None if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("vitcompress_checkpoint")
+        return int(_checkpoint_meta(raw, path)["step"]) if raw is not None else None
+    except Exception:
+        return None
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
@@ -607,10 +638,33 @@ class _Run:
             with sync:
                 sums += self._micro_step(guidance, images, labels, micro)
         if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad)
-        self.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.student.parameters() if p.grad is not None])
         sums = all_reduce_sum(sums.to(reduce_device(self.device))).cpu() / self.info.world_size
+        self._check_finite(sums, grad_norm)  # before the step: the weights (and every checkpoint) stay good
+        self.optimizer.step()
         return sums
+
+    def _check_finite(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop at the first NaN/inf loss or gradient (the same on every process: both are reduced)."""
+        loss_ok = bool(torch.isfinite(sums).all())
+        if loss_ok and bool(torch.isfinite(grad_norm)):
+            return
+        cfg = self.cfg
+        what = f"the gradient norm is {float(grad_norm)}" if loss_ok else f"the loss is {float(sums[-1])}"
+        terms = ", ".join(f"{name} {float(sums[k]):.3g}" for k, name in enumerate(_LOSS_TERMS) if name in _active_terms(cfg))
+        amp = self.device.type == "cuda" and cfg.amp
+        precision = "bfloat16 autocast (AMP) overflowing" if amp else "the float32 weights overflowing"
+        path = self._ckpt()
+        step = checkpoint_step(path) if path is not None and path.is_file() else None
+        kept = (f"the last good checkpoint (step {step}) is kept in {cfg.workdir}" if step is not None
+                else "no checkpoint had been written yet")
+        raise TrainingDivergedError(
+            f"fine-tuning diverged at step {self.step + 1} of {self.total_steps}: {what} ({terms}); likely cause: "
+            f"too high a learning rate (--lr {cfg.lr:g}; the default is 2e-4: try 10x lower) or {precision}; "
+            f"{kept}; no model file was written"
+        )
 
     # -- the loop --
     def train(self, callback: Optional[Callable[[int, dict[str, float]], None]], progress: Optional[Progress] = None) -> FinetuneResult:

@@ -1,0 +1,40 @@
+"""benchmarks/frontier.py --quick end to end, shortened: every row the instrument promises is there."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_quick_frontier_writes_rows_for_every_method_and_mode(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import frontier
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    report = frontier.main(["--quick", "--steps", "2", "--calibration-images", "16", "--val-images", "64",
+                            "--repeats", "1", "--plan-seconds", "0.05", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(report["rows"]))
+    methods = {r["method"] for r in rows}
+    assert {"dgssa-glad", "tome"} <= methods
+    for method in ("dgssa-glad", "tome"):
+        for steps in (0, 2):
+            for batch in (1, 32):
+                match = [r for r in rows if r["method"] == method and r["finetune_steps"] == steps
+                         and r["batch_size"] == batch and r["variant"] == "mean-init"]
+                assert match, (method, steps, batch)
+                assert all(r["speedup"] > 0 and 0 <= r["top1"] <= 1 and r["threads"] == 1 for r in match)
+    variants = {r["variant"] for r in rows}
+    assert {"static-mean-init", "static-uniform-init"} <= variants
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| 2x | tome |" in table and "| 2x | dgssa-glad |" in table
+    header = (tmp_path / "frontier.csv").read_text().splitlines()[0].split(",")
+    assert header == frontier.COLUMNS
