@@ -59,7 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "plans equal another's shares its fine-tuned rows)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every timing (stated in every row)")
-    p.add_argument("--train-threads", type=int, default=2, help="torch threads while fine-tuning and evaluating")
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads while fine-tuning and evaluating (2 threads on a busy 2-core machine is far slower)")
     p.add_argument("--val-images", type=int, default=1000, help="validation slice held out of the training split")
     p.add_argument("--calibration-images", type=int, default=256)
     p.add_argument("--analysis-samples", type=int, default=256, help="training images the attention analysis uses")
@@ -123,8 +124,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     _log(f"teacher: test top-1 {report['teacher']['top1']:.4f}, val top-1 {report['teacher']['val_top1']:.4f}")
     entries = _plan_all(args, teacher, analysis, calib)
+    scores: dict[tuple[str, str], tuple[float, float]] = {}  # methods that chose the same plan share it
     for e in entries:
-        e.top1, e.val_top1 = evaluate_top1(e.model, test_batches), evaluate_top1(e.model, val_batches)
+        key = (_plan_key(e.plan), e.variant)
+        if key not in scores:
+            scores[key] = (evaluate_top1(e.model, test_batches), evaluate_top1(e.model, val_batches))
+        e.top1, e.val_top1 = scores[key]
         _log(f"{e.method} {e.target}x {e.variant}: training-free test {e.top1:.4f}, val {e.val_top1:.4f}")
     free = [dataclasses.replace(e) for e in entries]
     trained = _finetune_all(args, entries, teacher, train, val_batches, test_batches) if args.steps > 0 else []

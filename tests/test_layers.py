@@ -40,6 +40,7 @@ LAYERS: dict[str, str] = {
     # leaf: import nothing of ours except other leaves
     "errors": "leaf",
     "_io": "leaf",
+    "_lock": "leaf",  # one writer per folder: a pid lock file
     "names": "leaf",  # every output file name
     "timing": "leaf",  # the one interleaved timer and its statistics
     "geometry": "leaf",  # supported-ViT check, token grid, prefix count, input size

@@ -764,9 +764,10 @@ def _original_entry(
     """The model the file was compressed from: its architecture from the metadata; weights only
     when accuracy is wanted (they do not change the timing)."""
     from vitcompress.export import read_metadata
-    from vitcompress.models import ModelSpec, build_model, load_model
+    from vitcompress.models import ModelSpec, build_model, check_spec, load_model
 
-    spec = ModelSpec.from_dict(read_metadata(path)["model"])
+    spec = ModelSpec.from_dict(read_metadata(path)["model"])  # load() has checked it is complete
+    check_spec(spec)  # a file's description may not make us download, read or import anything
     label = f"{spec.model_id} (original)"
     if checkpoint is None and (not need_weights or spec.weights == "random"):
         say(f"original of {Path(path).name}: {spec.architecture} with random weights (enough for timing)")

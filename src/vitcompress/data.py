@@ -18,6 +18,7 @@ batches; ``make_loader`` is the one place a DataLoader is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -331,6 +332,21 @@ def load_train_val(
     return hold_out(train, log)
 
 
+def check_trainable(data: ImageData, *, num_classes: int, global_batch: int, batch_size: int) -> None:
+    """Refuse, before any long work, training data that fine-tuning would fail on: fewer images
+    than one global batch, or labels beyond the model's classifier."""
+    if len(data) < global_batch:
+        raise DataError(
+            f"--data {data.source}: the training split '{data.split}' has {len(data)} images, fewer than one global "
+            f"batch of {global_batch} (--batch-size {batch_size} x processes x --accum-steps): lower --batch-size"
+        )
+    if data.num_classes is not None and data.num_classes > num_classes:
+        raise DataError(
+            f"--data {data.source}: its labels go up to {data.num_classes - 1}, but the model has {num_classes} classes "
+            f"(labels 0..{num_classes - 1}): use data labelled for this model, or a model with {data.num_classes} classes"
+        )
+
+
 def hold_out(data: ImageData, log: Callable[[str], None] = print) -> tuple[ImageData, ImageData]:
     """(the rest, the held-out part) of a dataset with a single split: ``HOLDOUT_FRACTION`` of it,
     at most ``HOLDOUT_MAX`` images, a fixed random choice (seed 0), for top-1."""
@@ -435,7 +451,8 @@ def _local_data(path: Path, split: str | None, prefer: Sequence[str], image_colu
         import datasets
 
         try:
-            loaded = datasets.load_from_disk(str(path))
+            with _quiet_datasets():
+                loaded = datasets.load_from_disk(str(path))
         except Exception as exc:
             raise DataError(f"--data {path}: could not read this save_to_disk folder ({exc})") from None
         return _from_hf(loaded, str(path), split, prefer, image_column, label_column)
@@ -445,11 +462,35 @@ def _local_data(path: Path, split: str | None, prefer: Sequence[str], image_colu
     return _image_folder(path, split, prefer)
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Generating train split" bars from datasets on stderr: our stderr is notes and one-line errors."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def _no_remote_code() -> dict[str, Any]:
+    """Never run a hub dataset's own Python script: datasets 4+ runs none; older versions are told not to."""
+    import inspect
+
+    import datasets
+
+    return {"trust_remote_code": False} if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters else {}
+
+
 def _load_dataset(builder: str, **kwargs: Any) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(builder, **kwargs)
+        with _quiet_datasets():
+            return datasets.load_dataset(builder, **kwargs, **_no_remote_code())
     except Exception as exc:
         where = kwargs.get("data_dir") or kwargs.get("data_files")
         raise DataError(f"--data {where}: could not read the {builder} files ({type(exc).__name__}: {exc})") from None
@@ -499,7 +540,8 @@ def _hub_data(dataset_id: str, split: str | None, prefer: Sequence[str], image_c
 
     with hub_mode() as online:
         try:
-            loaded = datasets.load_dataset(dataset_id)
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(dataset_id, **_no_remote_code())
         except Exception as exc:
             if online:
                 raise DataError(f"--data {dataset_id}: could not load this hub dataset ({type(exc).__name__}: {exc})") from None
@@ -592,8 +634,13 @@ def _labels(table: Any, label_col: str | None) -> tuple[list[str] | None, list[i
         names = sorted(set(values))
         lookup = {n: i for i, n in enumerate(names)}
         return names, [lookup[v] for v in values]
-    ints = [int(v) for v in values]
-    return [str(i) for i in range(max(ints) + 1)] if ints else None, ints
+    ints = [-1 if v is None else int(v) for v in values]
+    bad = next((v for v in ints if v < -1), None)
+    if bad is not None:
+        raise DataError(f"label column '{label_col}' holds the label {bad}: labels must be class numbers 0, 1, ... "
+                        "(or -1 for an unlabelled image); fix the column or name another with --label-column")
+    known = [v for v in ints if v >= 0]
+    return [str(i) for i in range(max(known) + 1)] if known else None, ints
 
 
 def _decode_image(value: Any) -> Image.Image:

@@ -21,3 +21,18 @@ class DataError(VitcompressError):
 
 class CheckpointFormatError(VitcompressError):
     """A file is not a vitcompress checkpoint, is truncated, or is too new."""
+
+
+class TrainingDivergedError(VitcompressError):
+    """Fine-tuning met a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
+class FolderInUseError(VitcompressError):
+    """Another live vitcompress run holds the lock of the folder this run would write into."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), with a message saying what was kept and how to continue.
+
+    A ``KeyboardInterrupt`` so that everything that handles a Ctrl-C still does; the CLI prints
+    the message on one line and exits with code 130."""

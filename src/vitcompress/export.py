@@ -25,7 +25,10 @@ from vitcompress.geometry import input_size as geometry_input_size
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vitcompress"
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header: above it, not safetensors at all
+# The header of a vitcompress file (tensor table + metadata) is kilobytes; a bigger one is refused
+# before it is parsed, so that a hostile file cannot make us parse (or keep) megabytes of JSON.
+METADATA_LIMIT = 8 * 1024 * 1024
 
 
 def vitcompress_version() -> str:
@@ -56,10 +59,17 @@ def state_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def check_writable(path: str | os.PathLike, force: bool, what: str = "output") -> None:
     """Refuse to replace an existing file unless ``force``; call it before long work, too."""
     target = Path(path)
-    if target.exists() and not force:
-        raise VitcompressError(f"{what} {target} already exists: pass --force to overwrite it, or choose another path")
     if target.exists() and target.is_dir():
         raise VitcompressError(f"{what} {target} is a folder: give a file path")
+    if target.exists() and not force:
+        raise VitcompressError(f"{what} {target} already exists: pass --force to overwrite it, or choose another path")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders up to here will be created
+    if not folder.is_dir():
+        raise VitcompressError(f"{what} {target}: {folder} is a file, not a folder: choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VitcompressError(f"{what} {target}: the folder {folder} is not writable: choose another path or fix its permissions")
 
 
 def export(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any], force: bool = False) -> Path:
@@ -124,6 +134,11 @@ def _read_header(path: Path) -> dict[str, Any]:
         (length,) = struct.unpack("<Q", head)
         if length > _HEADER_LIMIT:
             raise CheckpointFormatError(f"{path} is not a safetensors file (its first bytes are not a safetensors header)")
+        if length > METADATA_LIMIT:
+            raise CheckpointFormatError(
+                f"{path}: its safetensors header is {length / 2**20:.1f} MB, more than the {METADATA_LIMIT / 2**20:.0f} MB "
+                "a vitcompress model needs: refusing to parse it (export the model again with `vitcompress compress`)"
+            )
         raw = f.read(length)
     if len(raw) < length:
         raise CheckpointFormatError(

@@ -10,7 +10,9 @@ error comes at once and says how to proceed.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -171,7 +173,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read local weights: safetensors, or a weights-only torch file (never unpickles objects)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ModelLoadError(f"checkpoint not found: {path}")
+        raise ModelLoadError(f"checkpoint not found: {path}: check the path given to --checkpoint")
     if path.suffix not in _CHECKPOINT_SUFFIXES:
         raise ModelLoadError(
             f"checkpoint {path}: unknown file type '{path.suffix}'; use .safetensors, .pth, .pt or .bin"
@@ -292,8 +294,49 @@ def load_model(
     return model.eval(), spec
 
 
+# Constructor arguments of timm's VisionTransformer that take classes or devices, not data: a
+# model description read from a file may not set them (nor any argument the class does not take).
+_NOT_DATA_ARGS = {"self", "embed_layer", "embed_norm_layer", "block_fn", "mlp_layer", "attn_layer", "device", "dtype"}
+_LAYER_NAME_ARGS = {"norm_layer", "act_layer"}  # timm looks these names up in its own tables
+_LAYER_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse a model description (e.g. read from a file's metadata) that is not plainly a timm ViT
+    built from data: the architecture must be a registered timm ViT name (no ``hf-hub:``/``local-dir:``,
+    no dotted path: nothing is downloaded, read or imported because a file says so) and every
+    argument one that timm's VisionTransformer takes as plain data."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    arch = spec.architecture
+    why = ""
+    if not isinstance(arch, str) or ":" in arch or "/" in arch or not timm.is_model(arch):
+        why = "not a timm model name"
+    elif _model_module(arch.split(".", 1)[0]).rsplit(".", 1)[-1] not in _VIT_MODULES:
+        why = "not a timm Vision Transformer"
+    if why:
+        raise UnsupportedModelError(
+            f"the model description names architecture {arch!r}, {why}: refusing to build it "
+            "(vitcompress rebuilds only timm VisionTransformer models; the file was not written by vitcompress, or was altered)"
+        )
+    allowed = set(inspect.signature(VisionTransformer.__init__).parameters) - _NOT_DATA_ARGS
+    for key, value in spec.model_args.items():
+        if key not in allowed:
+            raise UnsupportedModelError(
+                f"the model description of {arch!r} sets {key!r}, which is not a VisionTransformer setting: refusing to "
+                "build it (the file was not written by vitcompress, or was altered)"
+            )
+        if key in _LAYER_NAME_ARGS and value is not None and not (isinstance(value, str) and _LAYER_NAME.match(value)):
+            raise UnsupportedModelError(f"the model description of {arch!r} sets {key} to {value!r}: only a timm layer "
+                                        "name such as 'gelu' is accepted")
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The architecture of ``spec`` with random weights, offline (used to reload exports)."""
+    """The architecture of ``spec`` with random weights, offline (used to reload exports).
+
+    ``spec`` is checked first (``check_spec``): a description read from a file cannot make this
+    download, read or import anything."""
+    check_spec(spec)
     try:
         model = timm.create_model(spec.architecture, pretrained=False, **spec.model_args)
     except Exception as exc:

@@ -16,6 +16,7 @@ report their progress through it. The exported file's ``speedup`` is ``timing.co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -23,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from vitcompress.bench import evaluate_top1
 from vitcompress.data import load_train_val
 from vitcompress.data import random_subset as _random_subset  # the analysis / calibration sample
 from vitcompress.distributed import barrier, default_device, dist_info, init_distributed, share
-from vitcompress.errors import DataError, VitcompressError
+from vitcompress.errors import DataError, Interrupted, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult
 from vitcompress.names import ANALYSIS_JSON, MODEL_FILE, OUTPUT_ROOT, PLAN_JSON, RUN_FILE, WORKDIR_NAME, model_slug, output_dir_for
 from vitcompress.plan_types import Plan, parse_budget
@@ -94,6 +95,45 @@ def find_latest_workdir(root: str | Path = OUTPUT_ROOT) -> Optional[Path]:
 
 def _last_activity(workdir: Path) -> float:
     return max(p.stat().st_mtime for p in workdir.iterdir() if p.is_file())
+
+
+# ---- one run per folder, and Ctrl-C ----------------------------------------------------------
+@contextlib.contextmanager
+def _guarded(folder: str | Path, is_main: bool, work_folder: bool = True) -> Iterator[None]:
+    """Hold ``folder``'s lock (rank 0; another live run there stops at once, a dead one's lock is
+    taken over) and turn a Ctrl-C into ``Interrupted`` saying what was kept and how to resume."""
+    from vitcompress._lock import exclusive
+
+    # Only the locked run writes into a work folder: what a killed run left half-written there goes.
+    lock = exclusive(folder, "work folder" if work_folder else "output folder", remove_temporaries=work_folder)
+    with lock if is_main else contextlib.nullcontext():
+        try:
+            yield
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            hint = _resume_hint(Path(folder)) if work_folder else "no model file was written: run the command again"
+            raise Interrupted(hint) from None
+
+
+def _resume_hint(folder: Path) -> str:
+    from vitcompress.finetune import checkpoint_path, checkpoint_step
+
+    step = checkpoint_step(checkpoint_path(folder)) if checkpoint_path(folder).is_file() else None
+    if step is not None and (folder / RUN_FILE).is_file():
+        return (f"no model file was written; the last checkpoint (step {step}) is in {folder}: resume with "
+                f"`vitcompress finetune {folder}` (or the same command with --resume)")
+    if (folder / RUN_FILE).is_file():
+        return (f"no model file was written and no checkpoint yet: `vitcompress finetune {folder}` starts the "
+                "fine-tuning again")
+    return "stopped before fine-tuning started; no model file was written: run the command again"
+
+
+def _check_trainable(train: Any, teacher: nn.Module, cfg: FinetuneConfig, info: Any) -> None:
+    from vitcompress.data import check_trainable
+
+    check_trainable(train, num_classes=int(teacher.num_classes), batch_size=cfg.batch_size,
+                    global_batch=cfg.batch_size * cfg.accum_steps * info.world_size)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------
@@ -162,7 +202,7 @@ class PlanOptions:
 
 def _analysis_and_plan(
     teacher: nn.Module, train: Any, inputs: _Inputs, budget: Any, plan: Any, options: PlanOptions, samples: int,
-    log: Log, progress: bool,
+    log: Log, progress: Optional[Progress],
 ) -> tuple[Plan, Optional[dict[int, torch.Tensor]], Optional[Path]]:
     """On rank 0: load or run the analysis, load or make the plan, save both."""
     from vitcompress.analyze import analyze, load_analysis, save_analysis
@@ -172,6 +212,9 @@ def _analysis_and_plan(
     analysis_path = inputs.analysis_path
     if isinstance(plan, Plan) or plan is not None:
         loaded = plan if isinstance(plan, Plan) else load_plan(plan)
+        from vitcompress.convert import validate_plan
+
+        validate_plan(teacher, loaded)  # a plan for another model fails before any note or file
         if analysis_path is not None:
             means = load_analysis(analysis_path).attention_means
         else:
@@ -235,6 +278,7 @@ def compress(
     samples: int = 256,
     planning: Optional[PlanOptions] = None,
     tome_r: Optional[int] = None,
+    progress: Optional[Progress] = None,
     checkpoint: Optional[str] = None,
     random_init: bool = False,
     out_root: str | Path = OUTPUT_ROOT,
@@ -250,12 +294,15 @@ def compress(
     ``config.resume`` and a previous run in the work folder, that run's plan is reused and
     fine-tuning continues from its last checkpoint. ``output`` defaults to
     ``<out_root>/<model>/model.safetensors`` and is not overwritten unless ``force``.
+    ``planning`` (``PlanOptions``) sets the method, calibration images and timing deployment;
+    ``tome_r`` fixes a token-merging plan (no search). ``progress(done, total, text)`` follows the
+    analysis and fine-tuning (default: ``log.progress`` if the log has one).
     """
     from vitcompress.convert import convert
     from vitcompress.export import check_writable
 
     info = init_distributed()
-    progress = _progress_of(log, info.is_main)
+    progress = _progress_of(log, info.is_main, progress)
     log = _rank0_log(log, info.is_main)
     cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()
     cfg.validate()
@@ -271,41 +318,45 @@ def compress(
         cfg.augment = "shift" if inputs.data == DEMO else "flip-shift"  # a mirrored digit is another digit
     if inputs.data == DEMO and cfg.epochs is None and cfg.steps is None:
         cfg.epochs = DEMO_EPOCHS  # 22 steps each: one epoch leaves accuracy on the table
-    previous = _previous_run(cfg, finetune, log)
-    if previous is not None:
-        return _continue(previous, cfg, output_path, force, measure_speed, log, progress)
+    # One run per work folder (rank 0 holds its lock); a Ctrl-C says where the run can be resumed.
+    with _guarded(cfg.workdir if finetune else inputs.out_dir, info.is_main, work_folder=finetune):
+        previous = _previous_run(cfg, finetune, log)
+        if previous is not None:
+            return _continue(previous, cfg, output_path, force, measure_speed, log, progress)
 
-    teacher, spec = _load_teacher(inputs.model_id, checkpoint, random_init, cfg.seed)
-    train, val = load_train_val(inputs.data, spec.data_config, split=split, val_split=val_split,
-                                image_column=image_column, label_column=label_column, log=log)
-    if tome_r is not None:
-        from vitcompress.plan import tome_plan
+        teacher, spec = _load_teacher(inputs.model_id, checkpoint, random_init, cfg.seed)
+        train, val = load_train_val(inputs.data, spec.data_config, split=split, val_split=val_split,
+                                    image_column=image_column, label_column=label_column, log=log)
+        if finetune:
+            _check_trainable(train, teacher, cfg, info)  # before the analysis and plan are written
+        if tome_r is not None:
+            from vitcompress.plan import tome_plan
 
-        plan = tome_plan(teacher, tome_r)  # a fixed schedule: nothing to search
-        plan.budget = None
-        log(f"--tome-r {tome_r}: {plan.describe()}")
-    if info.is_main:
-        options = dataclasses.replace(planning) if planning is not None else PlanOptions()
-        options.measure_speed = options.measure_speed and calibrate
-        if options.device is None and cfg.device is not None:
-            options.device = cfg.device  # time where the model will run
-        plan_obj, means, analysis_path = _analysis_and_plan(
-            teacher, train, inputs, budget, plan, options, samples, log, progress if cfg.progress else None)
-        shared = (plan_obj.to_dict(), means, str(analysis_path) if analysis_path else None)
-    else:
-        shared = None
-    plan_dict, means, analysis_str = share(shared)
-    plan_obj = Plan.from_dict(plan_dict)
-    student = convert(teacher, plan_obj, means)
-    run = {
-        "model": inputs.model_id, "checkpoint": checkpoint, "random_init": random_init, "spec": spec.to_dict(),
-        "plan": plan_obj.to_dict(), "budget": str(budget), "data": inputs.data, "split": split, "val_split": val_split,
-        "image_column": image_column, "label_column": label_column, "analysis": analysis_str,
-    }
-    result = CompressResult(output_path, inputs.out_dir, inputs.model_id, plan_obj,
-                            analysis_path=Path(analysis_str) if analysis_str else None)
-    return _train_measure_export(teacher, student, spec, train, val, run, cfg, finetune, result, force, measure_speed, log,
-                                 progress)
+            plan = tome_plan(teacher, tome_r)  # a fixed schedule: nothing to search
+            plan.budget = None
+            log(f"--tome-r {tome_r}: {plan.describe()}")
+        if info.is_main:
+            options = dataclasses.replace(planning) if planning is not None else PlanOptions()
+            options.measure_speed = options.measure_speed and calibrate
+            if options.device is None and cfg.device is not None:
+                options.device = cfg.device  # time where the model will run
+            plan_obj, means, analysis_path = _analysis_and_plan(
+                teacher, train, inputs, budget, plan, options, samples, log, progress if cfg.progress else None)
+            shared = (plan_obj.to_dict(), means, str(analysis_path) if analysis_path else None)
+        else:
+            shared = None
+        plan_dict, means, analysis_str = share(shared)
+        plan_obj = Plan.from_dict(plan_dict)
+        student = convert(teacher, plan_obj, means)
+        run = {
+            "model": inputs.model_id, "checkpoint": checkpoint, "random_init": random_init, "spec": spec.to_dict(),
+            "plan": plan_obj.to_dict(), "budget": str(budget), "data": inputs.data, "split": split, "val_split": val_split,
+            "image_column": image_column, "label_column": label_column, "analysis": analysis_str,
+        }
+        result = CompressResult(output_path, inputs.out_dir, inputs.model_id, plan_obj,
+                                analysis_path=Path(analysis_str) if analysis_str else None)
+        return _train_measure_export(teacher, student, spec, train, val, run, cfg, finetune, result, force, measure_speed, log,
+                                     progress)
 
 
 def _rank0_log(log: Optional[Log], is_main: bool) -> Log:
@@ -426,9 +477,15 @@ def continue_finetune(
     if folder is None:
         raise VitcompressError(f"no fine-tuning run under {out_root}/: start one with `vitcompress compress`")
     run_file = folder / RUN_FILE
+    if not folder.is_dir():
+        raise VitcompressError(f"{folder}: no such folder: give a run's work folder (e.g. vitcompress-out/MODEL/finetune)")
     if not run_file.is_file():
         raise VitcompressError(f"{folder} holds no {RUN_FILE}: it is not a vitcompress fine-tuning folder")
     run = read_json(run_file, "start a new run with `vitcompress compress`")
+    missing = [key for key in ("model", "plan", "data", "config", "output") if not isinstance(run, dict) or key not in run]
+    if missing:
+        raise VitcompressError(f"{run_file} lacks {', '.join(missing)}: it is not a whole vitcompress run file; "
+                               "start a new run with `vitcompress compress`")
     if workdir is None:
         log(f"continuing the latest run: {folder}")
     cfg = FinetuneConfig.from_dict({**run["config"], **_length_overrides(overrides or {})})
@@ -440,7 +497,8 @@ def continue_finetune(
     from vitcompress.export import check_writable
 
     check_writable(output_path, force)
-    return _continue(run, cfg, output_path, force, measure_speed, log, progress)
+    with _guarded(folder, info.is_main):  # one run per work folder; a Ctrl-C says how to resume
+        return _continue(run, cfg, output_path, force, measure_speed, log, progress)
 
 
 def _length_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -471,6 +529,7 @@ def _continue(run: dict[str, Any], cfg: FinetuneConfig, output: Path, force: boo
     student = convert(teacher, plan, means)
     train, val = load_train_val(run["data"], spec.data_config, split=run.get("split"), val_split=run.get("val_split"),
                                 image_column=run.get("image_column"), label_column=run.get("label_column"), log=log)
+    _check_trainable(train, teacher, cfg, dist_info())
     analysis = run.get("analysis")
     result = CompressResult(output, output.parent, run["model"], plan, analysis_path=Path(analysis) if analysis else None)
     return _train_measure_export(teacher, student, spec, train, val, run, cfg, True, result, force, measure_speed, log,

@@ -113,7 +113,7 @@ class Plan:
         method = str(d.get("method", DEFAULT_METHOD))
         if method not in METHODS:
             raise VitcompressError(f"plan method {method!r} is not one of {', '.join(METHODS)}")
-        return cls(
+        return _consistent(cls(
             static_layers=[int(i) for i in d.get("static_layers", [])],
             reductions=[Reduction(int(r["before_block"]), [int(s) for s in r["scales"]]) for r in d.get("reductions", [])],
             num_blocks=int(d.get("num_blocks", 0)),
@@ -127,7 +127,30 @@ class Plan:
             predicted=dict(d.get("predicted", {})),
             measured=dict(d.get("measured", {})),
             version=PLAN_VERSION,
-        )
+        ))
+
+
+_REMAKE = "make the plan again with `vitcompress plan`"
+
+
+def _consistent(plan: Plan) -> Plan:
+    """Refuse a plan that contradicts itself (checked against a model later, by convert)."""
+    depth = plan.num_blocks
+    if depth < 0 or plan.num_prefix_tokens < 0 or len(plan.grid) != 2 or any(g < 1 for g in plan.grid):
+        raise VitcompressError(f"plan: num_blocks {depth}, num_prefix_tokens {plan.num_prefix_tokens} and grid "
+                               f"{list(plan.grid)} do not describe a ViT: {_REMAKE}")
+    blocks = [("static_layers", i) for i in plan.static_layers] + [("reduction before_block", r.before_block) for r in plan.reductions]
+    for what, i in blocks:
+        if i < 0 or 0 < depth <= i:
+            raise VitcompressError(f"plan {what} {i} names a block the model does not have (the plan's model has "
+                                   f"{depth} blocks, 0..{depth - 1}): {_REMAKE}")
+    for r in plan.reductions:
+        if not r.scales or any(s < 1 for s in r.scales):
+            raise VitcompressError(f"plan: the GLAD stage before block {r.before_block} has pyramid scales {r.scales}; "
+                                   f"it needs at least one scale of 1 or more, e.g. [7, 3, 1]: {_REMAKE}")
+    if any(r < 0 for r in plan.merge_r) or 0 < depth < len(plan.merge_r):
+        raise VitcompressError(f"plan merge_r {plan.merge_r}: give one count >= 0 per block (at most {depth}): {_REMAKE}")
+    return plan
 
 
 GLAD_INITS = ("pool", "attention")
@@ -185,7 +208,7 @@ class Budget:
         elif isinstance(budget, str):
             match = _BUDGET_RE.match(budget)
             if match is None:
-                raise VitcompressError(f"budget {budget!r} is not understood: give {BUDGET_FORMS}")
+                raise VitcompressError(f"budget {budget!r} is not understood: give {BUDGET_FORMS}{_budget_hint(budget)}")
             number, unit = float(match.group(1)), match.group(2)
             if unit == "%" and not 0 < number < 100:
                 raise VitcompressError(f"budget {budget!r}: a share of the original cost must be between 0% and 100% (e.g. 50%)")
@@ -195,6 +218,17 @@ class Budget:
         if not math.isfinite(value) or value <= 1.0:
             raise VitcompressError(f"budget {text} is not a speed-up: ask for more than 1x (e.g. 1.5x, 2x or 50%)")
         return cls(value, text)
+
+
+def _budget_hint(text: str) -> str:
+    """What the user probably meant: ``2`` or ``x2`` -> ``2x``; a negative number is no speed-up."""
+    number = re.fullmatch(r"\s*[xX]?\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*[xX]?\s*", text)
+    if number is None:
+        return ""
+    value = float(number.group(1))
+    if value <= 1:
+        return " (a speed-up must be more than 1x)"
+    return f" (did you mean {number.group(1)}x?)"
 
 
 def parse_budget(budget: Union[str, float, int, Budget]) -> float:

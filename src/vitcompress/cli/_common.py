@@ -8,10 +8,12 @@ stderr, and ``note.progress`` draws a stage's progress (a rich bar on a terminal
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
@@ -29,14 +31,29 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+DEBUG_VARIABLE = "VITCOMPRESS_DEBUG"  # set to 1: print the traceback above each error line
+# File-system errors the user can fix (a path, permissions, space); other OSErrors are bugs.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                   errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.EFBIG}
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def fail(message: str, code: int = 2) -> None:
-    """Print one error line and exit."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one error line (plain text, not rich markup) and exit."""
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def handle_errors(func: F) -> F:
-    """Turn the errors a user can fix into one line and exit code 2, instead of a traceback."""
+    """Turn the errors a user can fix into one line and exit code 2, instead of a traceback;
+    Ctrl-C into one line and exit code 130. With VITCOMPRESS_DEBUG=1 the traceback comes first."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -44,15 +61,72 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except VitcompressError as exc:
             note.finish()
+            _traceback_if_debugging()
             fail(str(exc))
-        except KeyboardInterrupt:
+        except OSError as exc:
+            if exc.errno not in _USER_OS_ERRORS or exc.filename is None:
+                raise
             note.finish()
-            err.print("interrupted")
-            raise typer.Exit(130)
+            _traceback_if_debugging()
+            fail(f"{exc.filename}: {exc.strerror}: check the path, its permissions and the free space")
+        except KeyboardInterrupt as exc:
+            note.finish()
+            _traceback_if_debugging()
+            # Straight to stderr: the Ctrl-C may have landed inside a rich print, whose buffer would repeat.
+            sys.stderr.write(f"interrupted: {one_line(str(exc))}\n" if str(exc) else "interrupted\n")
+            sys.stderr.flush()
+            raise typer.Exit(130) from None
         finally:
             note.finish()  # no bar outlives its command
 
     return wrapper  # type: ignore[return-value]
+
+
+def _traceback_if_debugging() -> None:
+    if debugging():
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+
+
+def usage_error_line(exc: Any) -> str:
+    """Click's usage error (a bad option value, a missing argument) as one line, with where to look."""
+    message = one_line(exc.format_message()) if hasattr(exc, "format_message") else one_line(str(exc))
+    ctx = getattr(exc, "ctx", None)
+    where = ""
+    if ctx is not None:  # "python -m vitcompress analyze" -> "vitcompress analyze"
+        root = ctx.find_root().info_name or ""
+        where = f" (see `vitcompress{ctx.command_path[len(root):]} --help`)"
+    return f"{message}{where}"
+
+
+def check_output_file(path: Optional[Path], option: str) -> None:
+    """An output file the user named must go into an existing folder we may write: say so before any work."""
+    if path is not None:
+        _check_folder(path.expanduser().parent, f"{option} {path}")
+
+
+def check_output_folder(path: Optional[Path], option: str) -> None:
+    """An output folder the user named may be created, inside an existing folder we may write."""
+    if path is None:
+        return
+    folder = path.expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise VitcompressError(f"{option} {path} is a file: give a folder")
+        _check_folder(folder, f"{option} {path}")
+    else:
+        _check_folder(folder.parent, f"{option} {path}")
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    folder = folder if str(folder) else Path(".")
+    if not folder.exists():
+        raise VitcompressError(f"{what}: the folder {folder} does not exist: create it first or choose another path")
+    if not folder.is_dir():
+        raise VitcompressError(f"{what}: {folder} is a file, not a folder: choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VitcompressError(f"{what}: the folder {folder} is not writable: choose another path or fix its permissions")
 
 
 class ProgressView:

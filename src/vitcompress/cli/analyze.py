@@ -22,6 +22,7 @@ from vitcompress.cli._common import (
     RandomInitOpt,
     SplitOpt,
     WorkersOpt,
+    check_output_folder,
     handle_errors,
     model_or_demo,
     note,
@@ -75,15 +76,16 @@ def analyze_command(
     Writes analysis.json, attention_means.safetensors (what static attention starts from) and
     analysis.png to --out.
     """
+    check_output_folder(out_dir, "--out")  # before torch, timm and any work
     from vitcompress.analyze import Thresholds, analyze, save_analysis
     from vitcompress.data import load_data
     from vitcompress.models import load_model
 
     name = model_or_demo(model)
+    net, spec = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
     if data is None:
         note("no --data: using the built-in [bold]demo[/] images")
         data = "demo"
-    net, spec = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
     if spec.weights == "random":
         note("random weights: the attention statistics describe an untrained model")
     images = load_data(

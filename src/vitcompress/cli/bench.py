@@ -20,6 +20,7 @@ from vitcompress.cli._common import (
     RandomInitOpt,
     SplitOpt,
     WorkersOpt,
+    check_output_file,
     handle_errors,
     model_or_demo,
     note,
@@ -84,10 +85,12 @@ def bench_command(
     timing; with --data the original's weights are loaded). Any two models can be compared with
     --baseline.
     """
-    from vitcompress.bench import append_csv, attach_data, bench, entries_for
-
     if csv_out is not None and csv_out.is_dir():
         raise VitcompressError(f"--out {csv_out} is a folder: give a .csv file path")
+    check_output_file(csv_out, "--out")
+    from vitcompress.bench import append_csv, attach_data, bench, entries_for, parse_batch_sizes, resolve_dtype
+
+    parse_batch_sizes(batch_size), resolve_dtype(dtype)  # bad values fail before any model loads
     name = model_or_demo(model)
     entries = entries_for(
         name, baseline=baseline, checkpoint=checkpoint, baseline_checkpoint=baseline_checkpoint,

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from vitcompress.cli._app import app
+from vitcompress.errors import VitcompressError
 from vitcompress.cli._common import (
     CheckpointOpt,
     DataOpt,
@@ -18,6 +19,8 @@ from vitcompress.cli._common import (
     ModelArg,
     RandomInitOpt,
     WorkersOpt,
+    check_output_file,
+    check_output_folder,
     handle_errors,
     note,
     out,
@@ -105,6 +108,7 @@ def compress_command(
 
     With no model, continues from the newest analysis in ./vitcompress-out (made by `vitcompress analyze MODEL`), or runs on the built-in demo. Under `torchrun --nproc_per_node N` fine-tuning runs on N processes (DDP).
     """
+    _check_compress_args(budget, method, plan, tome_r, output, workdir)  # before torch loads
     from vitcompress.finetune import FinetuneConfig
     from vitcompress.pipeline import compress
 
@@ -153,6 +157,7 @@ def finetune_command(
 
     Options given here replace the run's settings; changing --batch-size, --accum-steps or the number of processes is refused, since the data order would no longer match.
     """
+    check_output_file(output, "--output")
     from vitcompress.pipeline import continue_finetune
 
     _set_threads(threads)
@@ -175,9 +180,11 @@ def export_command(
     force: ForceOpt = False,
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch axis), checked against PyTorch with onnxruntime."""
-    from vitcompress.export import export_onnx, load
-
     target = onnx or model_file.with_suffix(".onnx")
+    check_output_file(target, "--onnx")
+    from vitcompress.export import check_writable, export_onnx, load
+
+    check_writable(target, force, "ONNX output")  # before the model is rebuilt
     model = load(model_file)
     result = export_onnx(model, target, opset=opset, force=force, check=not no_check)
     if result["max_abs_diff"] is None:
@@ -185,6 +192,22 @@ def export_command(
         out.print(f"wrote {target}")
     else:
         out.print(f"wrote {target} (max |onnx - torch| = {result['max_abs_diff']:.1e} on batches {result['checked_batches']})")
+
+
+def _check_compress_args(budget: str, method: str, plan: Optional[Path], tome_r: Optional[int], output: Optional[Path],
+                         workdir: Optional[Path]) -> None:
+    """What can be checked from the arguments alone, at once: budget, method, plan file, output paths."""
+    from vitcompress.plan_types import METHODS, Budget, load_plan
+
+    if plan is None and tome_r is None:
+        Budget.parse(budget)
+    if method not in METHODS:
+        raise VitcompressError(f"--method {method!r} is not one of {', '.join(METHODS)}: choose one of them "
+                               "(see `vitcompress compress --help`)")
+    if plan is not None:
+        load_plan(plan)  # a missing, cut-off or inconsistent plan file fails before any work
+    check_output_file(output, "--output")
+    check_output_folder(workdir, "--workdir")
 
 
 def _print_result(result: Any, as_json: bool) -> None:

@@ -18,6 +18,7 @@ from vitcompress.cli._common import (
     ModelArg,
     NumClassesOpt,
     RandomInitOpt,
+    check_output_folder,
     fail,
     handle_errors,
     model_or_demo,
@@ -87,19 +88,22 @@ def plan_command(
     measured damage of each change) and writes plan.json. When the budget cannot be met it shows
     the fastest plan and exits with code 2, unless --allow-below-budget.
     """
+    from vitcompress.plan_types import METHODS, Budget
+
+    Budget.parse(budget)  # a bad budget, method or folder fails before torch, timm and the model load
+    if method not in METHODS:
+        fail(f"--method {method!r} is not one of {', '.join(METHODS)}: choose one of them (see `vitcompress plan --help`)")
+    check_output_folder(out_dir, "--out")
+
     from vitcompress.models import load_model
     from vitcompress.names import PLAN_JSON, output_dir_for
     from vitcompress.plan import Deployment, budget_met, make_plan, save_plan, unreachable_message
-    from vitcompress.plan_types import METHODS, Budget
 
-    Budget.parse(budget)  # a bad budget fails before the model loads
-    if method not in METHODS:
-        fail(f"--method {method!r} is not one of {', '.join(METHODS)}")
     name = model_or_demo(model)
     net, spec = load_model(name, checkpoint=checkpoint, random_init=random_init, num_classes=num_classes)
     folder = out_dir if out_dir is not None else output_dir_for(name)
+    calibration = _calibration(name, data, spec, calibration_images)  # bad --data fails before any note
     recorded = _find_analysis(analysis, folder)
-    calibration = _calibration(name, data, spec, calibration_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the unreachable budget is reported below
         plan = make_plan(
