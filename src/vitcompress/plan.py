@@ -321,17 +321,9 @@ class Deployment:
 
 def _device(name: str) -> torch.device:
     """The deployment's device, refused at once (not after the damage measurements) if absent."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise VitcompressError(f"--device {name}: unknown device; use cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VitcompressError("--device cuda: no CUDA GPU is visible to this torch: use --device cpu")
-        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-    if device.type != "cpu":
-        raise VitcompressError(f"--device {name}: unsupported device type; use cpu or cuda")
-    return device
+    from vitcompress.bench import resolve_device
+
+    return resolve_device(name)
 
 
 class _Speeds:
