@@ -44,6 +44,8 @@ def _plans_for(model: torch.nn.Module) -> dict[str, Plan]:
     return {
         "static + glad": _plan_for(model),
         "static only": _plan_for(model, reductions=[]),
+        "adaptive glad": _plan_for(model, glad_mode="adaptive"),
+        "simplex glad": _plan_for(model, glad_mode="simplex"),
         "tome constant": tome_plan(model, 2),
         "tome decreasing": tome_plan(model, 5, kind="decreasing"),
         "tome clipped": tome_plan(model, 40),  # more than the later blocks can merge: clipped

@@ -239,3 +239,21 @@ def test_proportional_glad_plan_reloads_and_matches(tmp_path: Path) -> None:
     path = export(sized, tmp_path / "sized.safetensors", {**meta, "plan": plan.to_dict()})
     with torch.no_grad():
         torch.testing.assert_close(load(path)(x), sized(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["simplex", "adaptive"])
+def test_glad_modes_reload_and_match(tmp_path: Path, mode: str) -> None:
+    _, meta = compressed("deit")
+    plan = Plan.from_dict({**meta["plan"], "glad_mode": mode})
+    teacher = build_model(ModelSpec.from_dict(meta["model"])).eval()
+    student = convert(teacher, plan).eval()
+    with torch.no_grad():  # move every new parameter off its initial value
+        for g in glad_modules(student).values():
+            for p in g.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    path = export(student, tmp_path / f"{mode}.safetensors", {**meta, "plan": plan.to_dict()})
+    loaded = load(path)
+    assert glad_modules(loaded)[2].mode == mode
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student(x), rtol=0, atol=0)

@@ -292,3 +292,20 @@ def test_no_guidance_leaves_the_attention_term_out() -> None:
     assert all(t["attn"] == 0.0 for t in terms)
     with pytest.raises(VitcompressError, match="--guidance"):
         quick_config(guidance="maps").validate()
+
+
+def test_added_parameters_get_their_own_learning_rate_and_no_decay() -> None:
+    from vitcompress.finetune import _param_groups
+
+    torch.manual_seed(0)
+    teacher = tiny_vit("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    plan = Plan(static_layers=[0], reductions=[Reduction(1, [2, 1])], num_blocks=3, grid=(4, 4), glad_mode="adaptive")
+    student = convert(teacher, plan)
+    groups = _param_groups(student, 0.05, module_lr_scale=10.0)
+    added = {id(p) for p in groups[2]["params"]}
+    glad = student.blocks[1].glad
+    expected = {id(student.blocks[0].attn.logits), id(glad.logits), id(glad.query), id(glad.key)}
+    assert added == expected
+    assert groups[2]["lr_scale"] == 10.0 and groups[2]["weight_decay"] == 0.0
+    every = [id(p) for g in groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in student.parameters() if p.requires_grad)  # each exactly once

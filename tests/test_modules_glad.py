@@ -105,3 +105,62 @@ def test_wrong_token_count_is_refused():
     glad = GLAD(1, [(4, 4)], [2, 1])
     with pytest.raises(VitcompressError, match="1 prefix \\+ 16 patch tokens but got 16"):
         glad(torch.randn(1, 16, C))
+
+
+# ---- parametrisations: simplex and content-adaptive -------------------------------------------
+@pytest.mark.parametrize("mode", ["simplex", "adaptive"])
+@pytest.mark.parametrize("in_grids,scales", [([(8, 8)], [4, 2, 1]), ([(4, 4), (2, 2), (1, 1)], [2, 1]), ([(5, 7)], [3, 1])])
+def test_every_mode_starts_as_the_pooling_pyramid(mode, in_grids, scales):
+    torch.manual_seed(0)
+    n = sum(h * w for h, w in in_grids)
+    x = torch.randn(3, 1 + n, 12, dtype=torch.float64)
+    linear = GLAD(1, in_grids, scales, dtype=torch.float64)
+    other = GLAD(1, in_grids, scales, mode=mode, dim=12, dtype=torch.float64)
+    torch.testing.assert_close(other(x), linear(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(other.aggregation(), linear.weight, rtol=0, atol=1e-15)
+
+
+def test_simplex_rows_stay_convex_mixes_of_their_region():
+    g = GLAD(1, [(4, 4)], [2, 1], mode="simplex", dtype=torch.float64)
+    with torch.no_grad():
+        g.logits.normal_(std=3.0)
+    rows = g.aggregation()
+    torch.testing.assert_close(rows.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert bool((rows >= 0).all())
+    assert bool((rows[g.domain == 0] == 0).all())  # nothing leaks outside the pooled region
+
+
+def test_adaptive_weights_depend_on_the_image_and_train():
+    torch.manual_seed(0)
+    g = GLAD(1, [(4, 4)], [2, 1], mode="adaptive", dim=8)
+    x = torch.randn(2, 17, 8)
+    (g(x) ** 2).sum().backward()
+    assert g.query.grad.abs().sum() > 0 and g.logits.grad.abs().sum() > 0  # zero queries still learn
+    with torch.no_grad():
+        g.query.normal_()
+    out = g(x)
+    same = torch.stack([x[0], x[0]])
+    # Per-image weights: one image's output does not depend on the other image in the batch.
+    torch.testing.assert_close(g(same)[0], out[0])
+    pooled = torch.matmul(g.aggregation(), x[:, 1:])  # what the fixed part alone would give
+    assert (out[:, 1:] - pooled).abs().max() > 1e-3
+
+
+def test_attention_init_sets_the_domain_to_every_token():
+    g = GLAD(1, [(2, 2)], [1], mode="simplex", dtype=torch.float64)
+    attn = torch.rand(2, 5, 5, dtype=torch.float64)
+    attn = attn / attn.sum(-1, keepdim=True)
+    linear = GLAD(1, [(2, 2)], [1], dtype=torch.float64)
+    g.init_from_attention(attn)
+    linear.init_from_attention(attn)
+    assert bool((g.domain == 1).all())
+    torch.testing.assert_close(g.aggregation(), linear.weight, rtol=0, atol=1e-12)
+    # The sizes (patches each output token stands for) still come from the pyramid region.
+    torch.testing.assert_close(g.out_size(torch.ones(1, 5, 1, dtype=torch.float64))[0, 1:], torch.tensor([[4.0]], dtype=torch.float64))
+
+
+def test_modes_are_checked():
+    with pytest.raises(VitcompressError, match="not one of"):
+        GLAD(1, [(4, 4)], [2], mode="free")
+    with pytest.raises(VitcompressError, match="token width"):
+        GLAD(1, [(4, 4)], [2], mode="adaptive")

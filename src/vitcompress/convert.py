@@ -176,11 +176,13 @@ def _normalize_means(means: Optional[AttentionMeans]) -> Optional[dict[int, torc
 
 def _build_glads(model: nn.Module, plan: Plan, means: Optional[dict[int, torch.Tensor]] = None) -> dict[int, GLAD]:
     grids = [tuple(plan.grid)]
+    dim = vit_geometry(model).embed_dim
     glads: dict[int, GLAD] = {}
     for r in plan.reductions:
         ref = next(model.blocks[r.before_block].parameters())
         try:
-            glad = GLAD(plan.num_prefix_tokens, grids, r.scales, device=ref.device, dtype=ref.dtype)
+            glad = GLAD(plan.num_prefix_tokens, grids, r.scales, mode=plan.glad_mode, dim=dim,
+                        device=ref.device, dtype=ref.dtype)
         except VitcompressError as exc:
             raise VitcompressError(f"reduction before block {r.before_block}: {exc}") from exc
         if plan.glad_init == "attention" and r is plan.reductions[0] and means is not None:

@@ -11,7 +11,8 @@ La = the attention's linear layers' MACs per token, Lm = the MLP's):
   the softmax of its fixed logits is computed once, so it costs nothing per image;
 * token merging adds its bipartite matching, ``|A| * |B| * d`` (the cosine similarity of the keys
   averaged over heads, d = head dim, between the two halves A and B of the patch tokens);
-* GLAD stage: ``M * N_in * C`` (a learned [M, N_in] matrix applied to the patch tokens);
+* GLAD stage: ``M * N_in * C`` (a learned [M, N_in] matrix applied to the patch tokens); an
+  adaptive stage adds its keys and scores, ``N_in * C * d_k + M * N_in * d_k``;
 * fixed parts: the patch-embedding convolution and the classifier head(s).
 
 Latency is not predicted here: FLOPs mispredict CPU and GPU time, so the planner times whole
@@ -27,6 +28,7 @@ from torch import nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 from vitcompress.geometry import vit_geometry
+from vitcompress.modules.glad import ADAPTIVE_DIM
 from vitcompress.plan_types import Plan
 
 DYNAMIC, STATIC = "dynamic", "static"
@@ -159,6 +161,7 @@ class Layout:
 
     blocks: tuple[tuple[str, int, int], ...]
     glads: tuple[tuple[int, tuple[int, ...], tuple[Grid, ...]], ...]  # (before_block, scales, input grids)
+    glad_mode: str = "linear"
 
 
 def plan_layout(geom: ModelGeometry, plan: Plan) -> Layout:
@@ -177,7 +180,7 @@ def plan_layout(geom: ModelGeometry, plan: Plan) -> Layout:
         in_grids = tuple((s, s) for s in r.scales)
     merges = plan.merges()
     kinds = tuple((STATIC if i in static else DYNAMIC, tokens[i], merges[i]) for i in range(geom.depth))
-    return Layout(kinds, tuple(glads))
+    return Layout(kinds, tuple(glads), plan.glad_mode)
 
 
 def layout_macs(geom: ModelGeometry, layout: Layout) -> int:
@@ -187,6 +190,9 @@ def layout_macs(geom: ModelGeometry, layout: Layout) -> int:
         total += g.macs(n, static=kind == STATIC, merge=merge, num_prefix_tokens=geom.num_prefix_tokens)
     for _, scales, in_grids in layout.glads:
         total += glad_macs_per_channel(scales, in_grids) * geom.embed_dim
+        if layout.glad_mode == "adaptive":
+            n_in = sum(h * w for h, w in in_grids)
+            total += (n_in * geom.embed_dim + glad_macs_per_channel(scales, in_grids)) * ADAPTIVE_DIM
     return total
 
 
@@ -219,6 +225,8 @@ def plan_params(geom: ModelGeometry, plan: Plan) -> int:
             total += g.static_params_delta(n)
     for _, scales, in_grids in layout.glads:
         total += glad_macs_per_channel(scales, in_grids)  # its weight has one entry per (output, input) pair
+        if layout.glad_mode == "adaptive":  # queries [M, d_k] and keys [d_k, C]
+            total += (sum(s * s for s in scales) + geom.embed_dim) * ADAPTIVE_DIM
     return total
 
 

@@ -94,6 +94,9 @@ class FinetuneConfig:
     # (row-wise KL; its optimum is the mean map); "none" switches it off.
     guidance: str = "output"
     feat_weight: float = 0.0
+    # Learning-rate multiplier of the parameters the conversion added (static attention logits, GLAD
+    # aggregations): they start from an initialisation, not from training, and may need to move further.
+    module_lr_scale: float = 1.0
     # flip-shift: random horizontal flip and translation by up to 1/8 of the side; auto: flip-shift,
     # except shift only on the demo digits (compress resolves it), where a mirrored digit is another digit.
     augment: str = "auto"
@@ -125,6 +128,8 @@ class FinetuneConfig:
             raise VitcompressError("--batch-size and --accum-steps must be at least 1")
         if self.lr <= 0:
             raise VitcompressError(f"--lr must be positive, got {self.lr}")
+        if self.module_lr_scale <= 0:
+            raise VitcompressError(f"--module-lr-scale must be positive, got {self.module_lr_scale}")
         if self.kd_temperature <= 0:
             raise VitcompressError(f"--kd-temperature must be positive, got {self.kd_temperature}")
         weights = [self.ce_weight, self.kd_weight, self.attn_weight, self.feat_weight]
@@ -425,21 +430,27 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dev
 
 
 # ---- the training loop -----------------------------------------------------------------------
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(model: nn.Module, weight_decay: float, module_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: decayed weights, undecayed ones (norms, biases, tokens), and the parameters
+    the conversion added (undecayed: decay pulls them toward a degenerate uniform/zero solution;
+    ``lr_scale`` times the learning rate)."""
     from vitcompress.convert import glad_modules, static_attention_modules
 
-    no_decay_ids = {id(p) for m in list(static_attention_modules(model).values()) for p in [m.logits]}
-    no_decay_ids |= {id(m.weight) for m in glad_modules(model).values()}
+    added = [m.logits for m in static_attention_modules(model).values()]
+    added += [p for m in glad_modules(model).values() for p in m.parameters()]
+    added_ids = {id(p) for p in added}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in added_ids:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or id(p) in no_decay_ids or leaf in ("pos_embed", "cls_token", "dist_token", "reg_token"):
+        if p.ndim <= 1 or leaf in ("pos_embed", "cls_token", "dist_token", "reg_token"):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": [p for p in added if p.requires_grad], "weight_decay": 0.0, "lr_scale": module_lr_scale}]
 
 
 def _total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
@@ -513,7 +524,7 @@ class _Run:
             )
         self.total_steps = _total_steps(cfg, self.steps_per_epoch)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * self.total_steps)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.weight_decay, cfg.module_lr_scale), lr=cfg.lr)
         self.model: nn.Module = self.student
         if info.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -625,7 +636,7 @@ class _Run:
         cfg = self.cfg
         lr = lr_at(self.step, self.total_steps, self.warmup, cfg.lr, cfg.lr * cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(_LOSS_TERMS) + 1, dtype=torch.float64)
         for micro in range(cfg.accum_steps):

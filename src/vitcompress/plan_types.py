@@ -58,6 +58,9 @@ class Plan:
     # (log size added to the logits), and stages start from the mean attention instead of pooling.
     proportional_attention: bool = False
     glad_init: str = "pool"
+    # How each stage's aggregation is parametrised: linear (free matrix), simplex or adaptive
+    # (content-adaptive), see ``modules.glad``.
+    glad_mode: str = "linear"
     predicted: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -123,7 +126,8 @@ class Plan:
             merge_r=[int(r) for r in d.get("merge_r", [])],
             method=method,
             proportional_attention=bool(d.get("proportional_attention", False)),
-            glad_init=_glad_init(d.get("glad_init", "pool")),
+            glad_init=_choice("glad_init", d.get("glad_init", "pool"), GLAD_INITS),
+            glad_mode=_choice("glad_mode", d.get("glad_mode", "linear"), GLAD_MODES),
             predicted=dict(d.get("predicted", {})),
             measured=dict(d.get("measured", {})),
             version=PLAN_VERSION,
@@ -154,11 +158,12 @@ def _consistent(plan: Plan) -> Plan:
 
 
 GLAD_INITS = ("pool", "attention")
+GLAD_MODES = ("linear", "simplex", "adaptive")  # the same names as modules.glad.MODES (a leaf: no import)
 
 
-def _glad_init(value: Any) -> str:
-    if value not in GLAD_INITS:
-        raise VitcompressError(f"plan glad_init {value!r} is not one of {', '.join(GLAD_INITS)}")
+def _choice(what: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise VitcompressError(f"plan {what} {value!r} is not one of {', '.join(allowed)}: {_REMAKE}")
     return str(value)
 
 
