@@ -172,9 +172,14 @@ def test_attention_guidance_pulls_static_attention_to_teacher() -> None:
     assert losses[-1] < losses[0]
     for i, m in static_attention_modules(student).items():
         assert not torch.allclose(m.attention(), start[i])
-    # The teacher is frozen.
-    assert all(not p.requires_grad for p in teacher.parameters())
+    # The teacher is left as it was: unchanged, no gradients, its requires_grad flags untouched
+    # (a model converted from it afterwards must train all of its weights).
+    assert all(p.requires_grad and p.grad is None for p in teacher.parameters())
     assert torch.equal(teacher.blocks[0].attn.qkv.weight, frozen)
+    second = convert(teacher, PLAN)
+    before = second.blocks[-1].mlp.fc1.weight.clone()
+    finetune(second, teacher, train, None, quick_config(steps=2, lr=5e-2), log=quiet)
+    assert not torch.equal(second.blocks[-1].mlp.fc1.weight, before)
 
 
 def test_result_and_history() -> None:

@@ -60,6 +60,7 @@ LAYERS: dict[str, str] = {
     "cost": "stages",
     "convert": "stages",
     "plan": "stages",
+    "probe": "stages",  # short fine-tunes of a plan shortlist
     "damage": "stages",
     "finetune": "stages",
     "distributed": "stages",

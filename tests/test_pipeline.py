@@ -209,3 +209,20 @@ def test_corrupt_run_file_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text("{truncated")
     with pytest.raises(VitcompressError, match=r"run.json is not valid JSON .*vitcompress compress"):
         continue_finetune(tmp_path, log=lambda _: None)
+
+
+def test_probe_steps_fine_tune_each_familys_best_plan_and_keep_the_least_damaged(tmp_path: Path, tiny_model_id: str) -> None:
+    from vitcompress.pipeline import PlanOptions
+
+    planning = PlanOptions(method="auto", calibration_images=32, probe_steps=2)
+    messages: list[str] = []
+    result = compress(tiny_model_id, "1.5x", data="demo", calibrate=False, measure_speed=False, planning=planning,
+                      config=quick(steps=2), out_root=tmp_path / "out", samples=16, log=messages.append)
+    probe = result.plan.measured["probe"]
+    kls = [r["kl"] for r in probe["results"]]
+    assert len(kls) >= 2 and probe["steps"] == 2 and probe["images"] > 0
+    assert probe["chosen"] == result.plan.describe() == probe["results"][kls.index(min(kls))]["plan"]
+    assert "shortlist" not in result.plan.measured  # consumed by the probe
+    saved = json.loads((tmp_path / "out" / "tiny-vit" / "plan.json").read_text())
+    assert saved["measured"]["probe"] == probe
+    assert any(m.startswith("probing ") for m in messages)

@@ -570,3 +570,19 @@ def test_a_real_plan_times_and_measures_for_real() -> None:
     assert m["damage"]["images"] == 16 and m["budget_met"] == PLAN._meets(m["speedup"], 1.2, True)
     assert p["flops"] == count_flops(convert(model, plan)) and p["speedup"] > 0
     assert any("timed" in n for n in notes) and any("16 calibration images" in n for n in notes)
+
+
+def test_the_shortlist_holds_each_other_familys_best_plan_that_meets_the_budget(model, images, fake_timer) -> None:
+    fake_timer(1.0)
+    plan = _plan(model, "2x", method="auto", calibration=images, shortlist=True)
+    listed = [Plan.from_dict(d) for d in plan.measured["shortlist"]]
+    families = [_families(p) for p in listed]
+    assert len(listed) >= 1 and _families(plan) not in families and len(set(families)) == len(families)
+    for other in listed:
+        assert other.measured["budget_met"] and other.measured["damage"] is not None
+        if _families(other) in ("glad", "dgssa", "tome"):  # a method of one family: the same search alone
+            alone = _plan(model, "2x", method=_families(other), calibration=images)
+            assert other.describe() == alone.describe()
+    kls = [p.measured["damage"]["kl"] for p in listed]
+    assert kls == sorted(kls) and plan.measured["damage"]["kl"] <= kls[0] + 1e-12
+    assert "shortlist" not in _plan(model, "2x", method="auto", calibration=images).measured

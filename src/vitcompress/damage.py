@@ -90,6 +90,14 @@ class DamageMeter:
             self._memo[key] = _compare(self.reference, self._log_probs(student, self.images))
         return self._memo[key]
 
+    def of_model(self, student: nn.Module) -> Damage:
+        """Damage of an already converted (e.g. fine-tuned) model, on every calibration image."""
+        was_training = student.training
+        try:
+            return _compare(self.reference, self._log_probs(student.eval(), self.images))
+        finally:
+            student.train(was_training)
+
     def from_block(self, plan: Plan, first_block: int) -> Damage:
         """Damage of ``plan`` when it changes nothing before ``first_block``: the converted blocks
         run from the original's cached input to that block (on the first ``part_images`` images).

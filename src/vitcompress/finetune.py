@@ -512,7 +512,9 @@ class _Run:
     def __init__(self, student: nn.Module, teacher: nn.Module, train_data: Any, val_data: Any, cfg: FinetuneConfig, info: DistInfo, device: torch.device, log: Callable[[str], None]):
         self.cfg, self.info, self.device, self.log = cfg, info, device, log
         self.student = student.to(device).train()
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        # Not frozen in place (its forward runs under no_grad): a model converted from this teacher
+        # later would copy frozen weights and silently train only the new modules.
+        self.teacher = teacher.to(device).eval()
         self.train_data, self.val_data = train_data, val_data
         self.micro_global = cfg.batch_size * info.world_size
         self.global_batch = self.micro_global * cfg.accum_steps

@@ -198,11 +198,16 @@ class PlanOptions:
     batch_size: int = 32
     threads: Optional[int] = None
     device: Optional[str] = None  # default: where the model is fine-tuned
+    # Steps of the probe fine-tune of each family's best plan (0: choose on training-free damage).
+    probe_steps: int = 0
+
+
+PROBE_IMAGES = 512  # training images held out of the probes' training data, to measure them on
 
 
 def _analysis_and_plan(
     teacher: nn.Module, train: Any, inputs: _Inputs, budget: Any, plan: Any, options: PlanOptions, samples: int,
-    log: Log, progress: Optional[Progress],
+    log: Log, progress: Optional[Progress], cfg: Optional[FinetuneConfig] = None,
 ) -> tuple[Plan, Optional[dict[int, torch.Tensor]], Optional[Path]]:
     """On rank 0: load or run the analysis, load or make the plan, save both."""
     from vitcompress.analyze import analyze, load_analysis, save_analysis
@@ -238,13 +243,38 @@ def _analysis_and_plan(
         warnings.simplefilter("ignore")  # an unreachable budget is reported below, on one line
         made = make_plan(teacher, result, budget, method=options.method, calibration=calibration,
                          attention_means=result.attention_means, deployment=deployment,
-                         measure_speed=options.measure_speed, log=log)
+                         measure_speed=options.measure_speed, shortlist=options.probe_steps > 0, log=log)
+    if options.probe_steps > 0:
+        made = _probe(teacher, made, train, options.probe_steps, cfg or FinetuneConfig(), result.attention_means, log)
     if not budget_met(made):
         log(f"warning: {unreachable_message(made)}")
     path = save_plan(made, inputs.out_dir / PLAN_JSON)
     kind = "measured" if made.measured.get("speedup") is not None else "predicted"
     log(f"plan written to {path}: {made.describe()}, {kind} speed-up {plan_speedup(made):.2f}x")
     return made, result.attention_means, analysis_path
+
+
+def _probe(teacher: nn.Module, made: Plan, train: Any, steps: int, cfg: FinetuneConfig,
+           means: Optional[dict[int, torch.Tensor]], log: Log) -> Plan:
+    """Probe-fine-tune the plan and its shortlist (each other family's best plan that meets the
+    budget) and keep the one least damaged after its probe, with the probe's figures recorded."""
+    from vitcompress.data import train_val_split
+    from vitcompress.probe import best_probed, probe_config, probe_plans
+
+    plans = [made] + [Plan.from_dict(d) for d in made.measured.pop("shortlist", [])]
+    if len(plans) < 2:
+        log("probe: no other family meets the budget; nothing to choose between")
+        return made
+    rest, held = train_val_split(train, min(PROBE_IMAGES, max(1, len(train) // 10)), seed=1)
+    held_images = calibration_images(held, len(held))
+    log(f"probing {len(plans)} plans: {steps} fine-tuning steps each, damage on {len(held)} held-out training images")
+    results = probe_plans(teacher, plans, rest, held_images, probe_config(cfg, steps), attention_means=means, log=log)
+    chosen = best_probed(results)
+    chosen.plan.measured["probe"] = {"steps": steps, "images": len(held), "chosen": chosen.plan.describe(),
+                                     "results": [r.to_dict() for r in results]}
+    if chosen.plan is not made:
+        log(f"probe: {chosen.plan.describe()} recovers best (KL {chosen.kl:.4f} against {results[0].kl:.4f})")
+    return chosen.plan
 
 
 def calibration_images(train: Any, count: int) -> Optional[torch.Tensor]:
@@ -338,10 +368,13 @@ def compress(
         if info.is_main:
             options = dataclasses.replace(planning) if planning is not None else PlanOptions()
             options.measure_speed = options.measure_speed and calibrate
-            if options.device is None and cfg.device is not None:
-                options.device = cfg.device  # time where the model will run
+            if options.device is None:  # time where the model will be fine-tuned and measured
+                options.device = cfg.device or str(default_device(info))
+            if options.probe_steps > 0 and info.enabled:
+                log("--probe-steps: probing runs in one process; skipped under torchrun (plan first, then pass --plan)")
+                options.probe_steps = 0
             plan_obj, means, analysis_path = _analysis_and_plan(
-                teacher, train, inputs, budget, plan, options, samples, log, progress if cfg.progress else None)
+                teacher, train, inputs, budget, plan, options, samples, log, progress if cfg.progress else None, cfg)
             shared = (plan_obj.to_dict(), means, str(analysis_path) if analysis_path else None)
         else:
             shared = None
@@ -427,7 +460,12 @@ def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: 
     student.eval()
     input_size = geometry_input_size(student, spec.data_config)
     if measure_speed:
-        result.speedup = compare_speed(teacher, student, input_size, device=device).to_dict()
+        # Timed as the planner timed it (the plan's deployment: batch size and threads), so the
+        # speed-up stored in the file compares with the one the plan printed.
+        deployment = result.plan.measured.get("deployment") or {}
+        result.speedup = compare_speed(teacher, student, input_size, device=device,
+                                       batch_size=int(deployment.get("batch_size", 32)),
+                                       threads=deployment.get("threads")).to_dict()
         log(f"speed-up {result.speedup['speedup']:.2f}x (batch {result.speedup.get('batch_size')}, "
             f"{result.speedup.get('threads')} threads, {result.speedup.get('device')})")
     metadata = {

@@ -377,6 +377,7 @@ def make_plan(
     deployment: Optional[Deployment] = None,
     measure_speed: bool = True,
     max_stages: int = 2,
+    shortlist: bool = False,
     log: Optional[Log] = None,
 ) -> Plan:
     """Choose a plan for ``model`` (a stock timm ViT) that meets ``budget`` at the least damage.
@@ -392,6 +393,10 @@ def make_plan(
             ``convert``); without it static layers start uniform, and their measured damage says so.
         deployment: device, batch size and threads to time on (default: CPU, batch 32, torch's threads).
         measure_speed: time candidates (default) or predict from FLOPs alone.
+        shortlist: also search each other family of ``method`` on its own and record the best
+            plan of each that meets the budget in ``plan.measured["shortlist"]`` (plan dicts,
+            least damaging first): what a probe fine-tune chooses among, where training-free
+            damage may mislead (``pipeline``'s ``probe_steps``).
     """
     check_supported(model)
     target = Budget.parse(budget)
@@ -415,7 +420,30 @@ def make_plan(
     say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
         if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
     chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
-    return _record(geom, chosen, candidates, damages, speeds, target, deployment if measure_speed else None, selection, meter)
+    timing = deployment if measure_speed else None
+    plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter)
+    if shortlist:
+        others = _family_bests(chosen, candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            listed = [_record(geom, c, candidates, damages, speeds, target, timing, selection, meter) for c in others]
+        plan.measured["shortlist"] = [p.to_dict() for p in listed]
+    return plan
+
+
+def _family_bests(
+    chosen: Candidate, candidates: list[Candidate], damages: _Damages, speeds: _Speeds, target: float, timed: bool,
+    measured: bool, say: Log,
+) -> list[Candidate]:
+    """The best candidate of every family other than ``chosen``'s that meets the budget, least damaging first."""
+    bests = []
+    for family in sorted({c.family for c in candidates} - {chosen.family}):
+        pool = [c for c in candidates if c.family == family]
+        best = _search(pool, damages, speeds, target, timed, measured, say)
+        speed = best.speed.speedup if best.speed is not None else speeds.predict(best)
+        if _meets(speed, target, best.speed is not None):
+            bests.append(best)
+    return sorted(bests, key=lambda c: (damages.best_known(c), c.key))
 
 
 def _static_order(geom: ModelGeometry, damages: _Damages, scores: Sequence[LayerScore], method: str) -> list[int]:
@@ -440,7 +468,7 @@ def _search(
             damages.whole(best)
             continue
         if timed and best.speed is None:
-            if len(speeds.timed) >= MAX_TIMED:
+            if sum(c.speed is not None for c in candidates) >= MAX_TIMED:
                 break  # out of timings: only a timed plan may be chosen
             _time(best, speeds, say)
             continue
@@ -462,8 +490,13 @@ def _fallback(candidates: list[Candidate], damages: _Damages, speeds: _Speeds, t
     """Out of measurements or nothing meets the budget: the least damaging timed plan that meets
     it, else the fastest plan. When timing, the plan predicted fastest is timed too, so that the
     plan returned (and the speed-up it reports) is a measured one."""
+    pool_ids = {id(c) for c in candidates}
+
+    def timed() -> list[Candidate]:  # a family searched alone: its own timings only
+        return [c for c in speeds.timed if id(c) in pool_ids]
+
     def met() -> list[Candidate]:
-        return [c for c in speeds.timed if _meets(c.speed.speedup, target, True)]  # type: ignore[union-attr]
+        return [c for c in timed() if _meets(c.speed.speedup, target, True)]  # type: ignore[union-attr]
 
     if not met() and speeds.deployment is not None:
         fastest = max(candidates, key=lambda c: (speeds.predict(c), -damages.best_known(c), c.key))
@@ -471,7 +504,7 @@ def _fallback(candidates: list[Candidate], damages: _Damages, speeds: _Speeds, t
             _time(fastest, speeds, say)
     if met():
         return min(met(), key=lambda c: (damages.best_known(c), c.key))
-    pool = speeds.timed or candidates
+    pool = timed() or candidates
     return max(pool, key=lambda c: (speeds.predict(c), -damages.best_known(c)))
 
 
