@@ -26,15 +26,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~10x faster than two on a shared, busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def compressed(variant: str = "deit") -> tuple[torch.nn.Module, dict]:
     """A converted tiny ViT whose new parameters are moved off their initial values."""
     arch, extra = VARIANTS[variant]

@@ -49,15 +49,6 @@ def quick_config(**overrides: object) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~10x faster than two on a shared, busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet(message: str) -> None:
     pass
 

@@ -37,15 +37,6 @@ DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [
                "crop_pct": 1.0, "crop_mode": "center"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~10x faster than two on a shared, busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny_model_id(tmp_path: Path) -> str:
     """A tiny 10-class ViT in timm's local format (what local-dir: reads)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import tiny_vit
 from vitcompress.data import load_data
@@ -12,14 +11,6 @@ from vitcompress.finetune import FinetuneConfig
 from vitcompress.pipeline import calibration_images
 from vitcompress.plan_types import Plan, Reduction
 from vitcompress.probe import ProbeResult, best_probed, probe_config, probe_plans
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_probing_measures_each_plan_before_and_after_its_short_fine_tune() -> None:
