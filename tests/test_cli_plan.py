@@ -51,7 +51,7 @@ def test_demo_plan_from_flops_with_measured_damage(tmp_path: Path) -> None:
     result = _demo(tmp_path, "--budget", "2x", "--no-calibrate", *CALIB)
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "plan.json")
-    assert plan.budget == "2x" and plan.num_blocks == 8 and plan.method == "dgssa-glad"
+    assert plan.budget == "2x" and plan.num_blocks == 8 and plan.method == "auto"  # the default method
     p, m = plan.predicted, plan.measured
     assert m["budget_met"] and p["flop_speedup"] >= 2.0 and m["speedup"] is None and m["timed"] == []
     assert p["damage_source"] == "measured parts (KL on calibration images)" and m["damage"]["images"] == 32
@@ -60,7 +60,7 @@ def test_demo_plan_from_flops_with_measured_damage(tmp_path: Path) -> None:
     err = result.stderr
     assert "using the built-in demo model" in err and "calibration images: 32 of demo (split 'train')" in err and "plan written to" in err
     out = result.stdout
-    assert "plan for demo: budget 2x (dgssa-glad)" in out and "FLOPs/image" in out and "params" in out
+    assert "plan for demo: budget 2x (auto)" in out and "FLOPs/image" in out and "params" in out
     assert "predicted from FLOPs (not timed)" in out and "met" in out and "measured on the whole plan" in out
     assert all(column in out for column in ("block", "kind", "tokens", "merge", "damage (KL)"))
     if plan.reductions:

@@ -9,7 +9,7 @@ import pytest
 
 from vitcompress.errors import VitcompressError
 from vitcompress.plan_types import (
-    DEFAULT_METHOD,
+    PLAN_METHOD,
     METHODS,
     PLAN_VERSION,
     Budget,
@@ -110,7 +110,7 @@ def test_a_version_1_plan_reads_as_before(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps(v1))
     plan = load_plan(tmp_path)
     assert plan.static_layers == [0, 1] and plan.reductions == [Reduction(3, [4, 2, 1])] and plan.grid == (8, 8)
-    assert plan.merge_r == [] and plan.merges() == [0] * 6 and plan.method == DEFAULT_METHOD
+    assert plan.merge_r == [] and plan.merges() == [0] * 6 and plan.method == PLAN_METHOD
     assert plan.measured == {} and plan.predicted["speedup"] == 2.2 and plan.version == PLAN_VERSION
     assert plan.tokens_per_block() == [65, 65, 65, 22, 22, 22]
     minimal = Plan.from_dict({"static_layers": [2]})  # the oldest plans hold little more

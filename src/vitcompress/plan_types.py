@@ -23,7 +23,11 @@ from vitcompress.names import PLAN_JSON
 # 2: ``method``, ``merge_r`` (token merging) and ``measured`` added; version-1 plans read as before.
 PLAN_VERSION = 2
 METHODS = ("dgssa-glad", "dgssa", "glad", "tome", "auto")
-DEFAULT_METHOD = "dgssa-glad"
+# What the planner searches unless told: every method, keeping what measures best (on the shared
+# CIFAR-10 teacher token merging wins at batch 32 and GLAD at batch 1: docs/RESULTS.md).
+DEFAULT_METHOD = "auto"
+# The method a plan without one was made by (version-1 plans, plans written by hand).
+PLAN_METHOD = "dgssa-glad"
 
 
 @dataclass
@@ -53,7 +57,7 @@ class Plan:
     budget: str | None = None
     # Tokens merged inside each block (after its attention), one entry per block; empty: none.
     merge_r: list[int] = field(default_factory=list)
-    method: str = DEFAULT_METHOD
+    method: str = PLAN_METHOD
     # GLAD options: attention after a stage weighs each token by the patches it stands for
     # (log size added to the logits), and stages start from the mean attention instead of pooling.
     proportional_attention: bool = False
@@ -113,7 +117,7 @@ class Plan:
                 f"plan format version {d['version']} is newer than this vitcompress understands "
                 f"({PLAN_VERSION}): upgrade vitcompress"
             )
-        method = str(d.get("method", DEFAULT_METHOD))
+        method = str(d.get("method", PLAN_METHOD))
         if method not in METHODS:
             raise VitcompressError(f"plan method {method!r} is not one of {', '.join(METHODS)}")
         return _consistent(cls(
@@ -242,6 +246,6 @@ def parse_budget(budget: Union[str, float, int, Budget]) -> float:
 
 
 __all__ = [
-    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "METHODS", "PLAN_VERSION", "Plan", "Reduction",
+    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction",
     "load_plan", "parse_budget", "save_plan",
 ]  # fmt: skip

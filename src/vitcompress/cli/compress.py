@@ -91,7 +91,7 @@ def compress_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in the work folder.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default ./vitcompress-out/<model>/model.safetensors).")] = None,
     force: ForceOpt = False,
-    method: Annotated[str, typer.Option("--method", help="dgssa-glad (default), dgssa, glad, tome (token merging) or auto (search all, keep the best measured).")] = "dgssa-glad",
+    method: Annotated[str, typer.Option("--method", help="auto (default: search every method, keep the best measured), dgssa-glad (static attention + token aggregation), dgssa, glad or tome (token merging).")] = "auto",
     tome_r: Annotated[Optional[int], typer.Option("--tome-r", min=1, help="Token merging with r tokens merged per block (implies --method tome; skips planning).")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help="Training images the planner measures damage on (0: analysis proxy).")] = 256,
     plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,

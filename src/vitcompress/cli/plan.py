@@ -33,8 +33,8 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        help="What to search: dgssa-glad (static attention + token aggregation, default), dgssa, glad, "
-        "tome (token merging), or auto (all of them, keep what measures best).",
+        help="What to search: auto (default: every method, keep what measures best), dgssa-glad (static "
+        "attention + token aggregation), dgssa, glad or tome (token merging).",
     ),
 ]
 AnalysisOpt = Annotated[
@@ -64,7 +64,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 def plan_command(
     model: ModelArg = None,
     budget: BudgetOpt = "2x",
-    method: MethodOpt = "dgssa-glad",
+    method: MethodOpt = "auto",
     data: DataOpt = None,
     calibration_images: CalibOpt = 256,
     analysis: AnalysisOpt = None,
