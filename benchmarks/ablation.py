@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import DATA, TEACHER, _cached  # noqa: E402  (the same data handling as the frontier)
+from frontier import DATA, TEACHER, load_setup  # noqa: E402  (the same data handling as the frontier)
 
 # name: (method whose plan it starts from, plan changes, fine-tuning changes)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -70,19 +70,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from vitcompress._io import read_json, write_json_atomic, write_text_atomic
     from vitcompress.bench import bench, evaluate_top1
     from vitcompress.convert import convert
-    from vitcompress.data import load_train_val, train_val_split
     from vitcompress.finetune import FinetuneConfig, finetune
-    from vitcompress.models import load_model
     from vitcompress.plan_types import Plan
 
     started = time.monotonic()
     torch.set_num_threads(args.threads)
     frontier = read_json(args.plans, "run benchmarks/frontier.py first")
-    teacher, spec = load_model(args.model)
-    teacher.eval()
-    train_all, test = load_train_val(args.data, spec.data_config, log=_log)
-    train, val = train_val_split(train_all, args.val_images, seed=0)
-    val_batches, test_batches = _cached(val), _cached(test)
+    teacher, train, val, val_batches, test_batches = load_setup(args.model, args.data, args.val_images)
     rows, models = [], {"original": teacher}
     converted = {}  # all converted before any fine-tune (fine-tuning freezes the teacher's parameters)
     for name in args.variants.split(","):

@@ -102,18 +102,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return report
     from vitcompress.analyze import analyze
     from vitcompress.bench import evaluate_top1
-    from vitcompress.data import load_train_val, train_val_split
-    from vitcompress.models import load_model
     from vitcompress.pipeline import calibration_images
 
     started = time.monotonic()
     torch.set_num_threads(args.train_threads)
-    teacher, spec = load_model(args.model)
-    teacher.eval()
-    train_all, test = load_train_val(args.data, spec.data_config, log=_log)
-    train, val = train_val_split(train_all, args.val_images, seed=0)
-    _log(f"{len(train)} training images, {len(val)} validation images (held out of train), {len(test)} test images")
-    val_batches, test_batches = _cached(val), _cached(test)
+    teacher, train, val, val_batches, test_batches = load_setup(args.model, args.data, args.val_images)
     analysis = analyze(teacher, train, samples=args.analysis_samples, model_id=args.model, data_source=f"{args.data} [train]")
     calib = calibration_images(train, args.calibration_images)
     report: dict[str, Any] = {
@@ -139,6 +132,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     _write(Path(args.out), report)
     _log(f"done in {report['seconds'] / 60:.1f} min")
     return report
+
+
+def load_setup(model: str, data: str, val_images: int) -> tuple[Any, Any, Any, list, list]:
+    """The teacher (eval mode), the training split minus a validation slice, that slice, and the
+    validation and test images decoded once as batches: what every benchmark here starts from."""
+    from vitcompress.data import load_train_val, train_val_split
+    from vitcompress.models import load_model
+
+    teacher, spec = load_model(model)
+    teacher.eval()
+    train_all, test = load_train_val(data, spec.data_config, log=_log)
+    train, val = train_val_split(train_all, val_images, seed=0)
+    _log(f"{len(train)} training images, {len(val)} validation images (held out of train), {len(test)} test images")
+    return teacher, train, val, _cached(val), _cached(test)
 
 
 def _log(message: str) -> None:

@@ -26,17 +26,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import DATA, TEACHER, _cached  # noqa: E402
+from frontier import DATA, TEACHER, load_setup  # noqa: E402
 
 # Plans of the 12-block, 8x8-grid teacher, all between about 1.9x and 2.3x in FLOPs.
 PLANS: dict[str, dict[str, Any]] = {
     "tome-decreasing": {"merge_r": [10, 9, 8, 8, 6, 5, 5, 4, 2, 2, 1, 0]},
     "tome-constant": {"merge_r": [5] * 12},
-    "glad@3[4,1]": {"reductions": [{"before_block": 3, "scales": [4, 1]}]},
-    "glad@2[5,1]": {"reductions": [{"before_block": 2, "scales": [5, 1]}]},
-    "glad@2[6,1]+@6[3,1]": {"reductions": [{"before_block": 2, "scales": [6, 1]}, {"before_block": 6, "scales": [3, 1]}]},
-    "static[0,1]+glad@3[4,1]": {"static_layers": [0, 1], "reductions": [{"before_block": 3, "scales": [4, 1]}]},
-    "static[0]+tome": {"static_layers": [0], "merge_r": [0, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]},
+    "glad-b3-4x4+1": {"reductions": [{"before_block": 3, "scales": [4, 1]}]},
+    "glad-b2-5x5+1": {"reductions": [{"before_block": 2, "scales": [5, 1]}]},
+    "glad-b2-6x6+1-b6-3x3+1": {"reductions": [{"before_block": 2, "scales": [6, 1]}, {"before_block": 6, "scales": [3, 1]}]},
+    "static-01-glad-b3-4x4+1": {"static_layers": [0, 1], "reductions": [{"before_block": 3, "scales": [4, 1]}]},
+    "static-0-tome": {"static_layers": [0], "merge_r": [0, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]},
 }
 
 
@@ -83,20 +83,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from vitcompress.bench import evaluate_top1
     from vitcompress.convert import convert
     from vitcompress.cost import flop_speedup, model_geometry
-    from vitcompress.data import load_train_val, train_val_split
     from vitcompress.finetune import FinetuneConfig, finetune
-    from vitcompress.models import load_model
     from vitcompress.pipeline import calibration_images
     from vitcompress.plan_types import Plan
     from vitcompress.probe import probe_config, probe_plans
 
     started = time.monotonic()
     torch.set_num_threads(args.threads)
-    teacher, spec = load_model(args.model)
-    teacher.eval()
-    train_all, test = load_train_val(args.data, spec.data_config, log=_log)
-    train, val = train_val_split(train_all, args.val_images, seed=0)
-    val_batches, test_batches = _cached(val), _cached(test)
+    teacher, train, val, val_batches, test_batches = load_setup(args.model, args.data, args.val_images)
     val_images = calibration_images(val, len(val))
     means = analyze(teacher, train, samples=256).attention_means  # static layers start from the mean map
     geom = model_geometry(teacher)
