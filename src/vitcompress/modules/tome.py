@@ -164,11 +164,21 @@ def merge_wavg(merge: TokenMerge, x: Tensor, size: Optional[Tensor] = None) -> t
         return x, size
     work = torch.promote_types(x.dtype, torch.float32 if size is None else size.dtype)
     work = torch.promote_types(work, torch.float32)
+    P, C = merge.protected, x.shape[-1]
     size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=work) if size is None else size.to(work)
-    new_size = merge(size)
-    mean = (merge(x.to(work) * size) / new_size).to(x.dtype)
-    # Tokens nothing was merged into keep their exact values (x * s / s may round differently).
-    return torch.where(merge.received(x), mean, merge.drop(x)), new_size
+    # Weighted sums and sizes are merged in one gather + scatter (one extra channel): at batch 1
+    # the per-op cost, not the arithmetic, is what token merging pays for.
+    both = torch.cat([x.to(work) * size, size], dim=-1)[:, P:]
+    a, b = both[:, ::2], both[:, 1::2]
+    b = b.scatter_add(1, _expand_index(merge.dst_b, C + 1), a.gather(1, _expand_index(merge.merged_a, C + 1)))
+    b_size = b[..., C:]
+    # B tokens nothing was merged into (their size did not grow) keep their exact values
+    # (x * s / s may round differently); A tokens that stay are copied as they are.
+    b_x = torch.where(b_size > size[:, P + 1::2], (b[..., :C] / b_size).to(x.dtype), x[:, P + 1::2])
+    kept = merge.kept_a.unsqueeze(-1)  # type: ignore[union-attr]
+    a_x = x[:, P::2].gather(1, kept.expand(-1, -1, C))
+    a_size = size[:, P::2].gather(1, kept)
+    return torch.cat([x[:, :P], a_x, b_x], dim=1), torch.cat([size[:, :P], a_size, b_size], dim=1)
 
 
 def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
