@@ -135,6 +135,7 @@ CASES = [
     # --method
     ("plan-method", "plan demo --method nonsense", ["--method 'nonsense'", "dgssa-glad"]),
     ("compress-method", "compress demo --method nonsense", ["--method 'nonsense'", "dgssa-glad"]),
+    ("compress-device", "compress demo --device nonsense", ["--device nonsense", "use cpu or cuda"]),
     # --data
     ("analyze-data-empty", "analyze demo --data {in}/empty", ["no class sub-folders", "ROOT/CLASS/image.jpg"]),
     ("analyze-data-missing", "analyze demo --data {in}/missing", ["no such file or folder", "Hugging Face dataset id"]),

@@ -336,6 +336,10 @@ def compress(
     log = _rank0_log(log, info.is_main)
     cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()
     cfg.validate()
+    if cfg.device is not None:
+        from vitcompress.bench import resolve_device
+
+        resolve_device(cfg.device)  # a device that is not here fails now, not after the analysis
     if plan is None and tome_r is None:
         parse_budget(budget)  # a bad budget fails now, not after the analysis
     out_root = Path(out_root)

@@ -102,6 +102,7 @@ def compress_command(
     random_init: RandomInitOpt = False,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Where to fine-tune and where the planner and the final measurement time the model: cpu or cuda[:N] (default: this process's GPU if there is one, else the CPU).")] = None,
     no_speed: NoSpeedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -118,6 +119,7 @@ def compress_command(
         epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, accum_steps=accum_steps, ce_weight=ce_weight,
         kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, guidance=guidance,
         feat_weight=feat_weight, augment=augment, seed=seed, workdir=workdir, checkpoint_every=checkpoint_every, num_workers=workers,
+        device=device,
     ), resume=resume)
     from vitcompress.pipeline import PlanOptions
 
