@@ -313,7 +313,7 @@ class Deployment:
     device: str = "cpu"
     batch_size: int = 32
     threads: Optional[int] = None
-    seconds: float = 1.5  # per timed candidate
+    seconds: float = 3.0  # per timed candidate: as long as the timing stored in the exported file
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads or torch.get_num_threads()}
