@@ -4,7 +4,7 @@ top-1 agreement on calibration images from the *training* split, next to the FLO
     python benchmarks/training_free_damage.py --threads 2          # ~3 min on 2 cores
     python benchmarks/training_free_damage.py --quick              # the built-in demo
 
-Rows: GLAD stages with the pooling init or the mean-attention init, each with and without
+Rows (``--only`` picks one group): one to four GLAD stages at similar FLOP speed-ups; GLAD stages with the pooling init or the mean-attention init, each with and without
 proportional attention after the stage; token merging (constant and decreasing schedules); static
 attention in the first blocks. It prints one JSON object per row (the figures in docs/RESULTS.md).
 """
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="calibration images from the training split")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=("glad", "stages", "tome", "static"), help="one group of rows")
     args = p.parse_args()
     if args.quick:
         args.model, args.data, args.images = "demo", "demo", 64
@@ -58,17 +59,29 @@ def main() -> None:
         return Plan(num_blocks=geom.depth, num_prefix_tokens=geom.num_prefix_tokens, grid=geom.grid, **kw)  # type: ignore[arg-type]
 
     side = geom.grid[0]
-    stages = [[Reduction(2, [side - 2, side // 2 - 1, 1])], [Reduction(2, [side // 2, side // 4, 1])],
-              [Reduction(4, [side // 2, 1])], [Reduction(2, [side - 2, side // 2 - 1, 1]), Reduction(6, [side // 2 - 1, 1])]]
+    if args.only in (None, "stages"):
+        # More, gentler stages against two: the frontier's 2x and 2.5x plans, then three and four stages.
+        layouts = [[(3, [side // 2, 1])], [(2, [side // 2, 1]), (10, [side // 4, 1])],
+                   [(2, [side - 2, 1]), (4, [side // 2, 1]), (10, [side // 4, 1])],
+                   [(2, [side - 3, 1]), (4, [side // 2, 1]), (8, [side // 4, 1])],
+                   [(2, [side - 2, 1]), (3, [side - 3, 1]), (5, [side // 2, 1]), (10, [side // 4, 1])]]
+        for layout in layouts:
+            report(f"glad, {len(layout)} stage(s)", plan(reductions=[Reduction(b, sc) for b, sc in layout]))
+    if args.only not in (None, "glad"):
+        stages = []
+    else:
+        stages = [[Reduction(2, [side - 2, side // 2 - 1, 1])], [Reduction(2, [side // 2, side // 4, 1])],
+                  [Reduction(4, [side // 2, 1])],
+                  [Reduction(2, [side - 2, side // 2 - 1, 1]), Reduction(6, [side // 2 - 1, 1])]]
     for reductions in stages:
         for proportional in (False, True):
             for init in ("pool", "attention"):
                 name = f"glad {init} init" + (", proportional attention" if proportional else "")
                 report(name, plan(reductions=reductions, proportional_attention=proportional, glad_init=init))
-    for r in range(4, 9):
+    for r in (range(4, 9) if args.only in (None, "tome") else ()):
         for kind in ("constant", "decreasing"):
             report(f"tome {kind}", tome_plan(model, r, kind))
-    for count in (1, 2, 3):
+    for count in ((1, 2, 3) if args.only in (None, "static") else ()):
         report("static (mean init)", plan(static_layers=list(range(count))))
 
 
