@@ -90,7 +90,9 @@ class FakeTimer:
 
     def __init__(self, factor: Factor) -> None:
         self.factor = factor if callable(factor) else (lambda kind: float(factor))
-        self.calls: list[tuple[str, float, float]] = []  # (family, FLOP speed-up, measured)
+        self.calls: list[tuple[str, float, float]] = []  # (family, FLOP speed-up, measured) at the deployment's batch
+        self.single: list[tuple[str, float, float]] = []  # the same, the chosen plan's batch-1 check
+        self.single_factor = 1.0  # measured at batch 1 = measured at the deployment's batch x this
 
     def speedup(self, family: str, flop_speedup: float) -> float:
         return flop_speedup * self.factor(family)
@@ -100,7 +102,9 @@ class FakeTimer:
         geom = model_geometry(baseline)
         family, flops = kind_of(model), flop_speedup(geom, plan_of(model, geom))
         s = self.speedup(family, flops)
-        self.calls.append((family, flops, s))
+        if batch_size == 1:
+            s *= self.single_factor
+        (self.single if batch_size == 1 else self.calls).append((family, flops, s))
         return SpeedComparison(speedup=s, speedup_q25=s * 0.99, speedup_q75=s * 1.01, baseline_ms=10.0, model_ms=10.0 / s,
                                batch_size=batch_size, rounds=10, threads=threads or 1, device=str(device or "cpu"))
 
@@ -586,3 +590,19 @@ def test_the_shortlist_holds_each_other_familys_best_plan_that_meets_the_budget(
     kls = [p.measured["damage"]["kl"] for p in listed]
     assert kls == sorted(kls) and plan.measured["damage"]["kl"] <= kls[0] + 1e-12
     assert "shortlist" not in _plan(model, "2x", method="auto", calibration=images).measured
+
+
+def test_the_chosen_plan_is_also_timed_at_batch_1_and_a_slower_one_is_flagged(model, images, fake_timer) -> None:
+    timer = fake_timer(1.0)
+    timer.single_factor = 0.3  # e.g. per-op overheads that do not shrink with the batch
+    notes: list[str] = []
+    plan = _plan(model, "2x", method="glad", calibration=images, log=notes.append)
+    assert len(timer.single) == 1 and plan.measured["batch1"]["batch_size"] == 1
+    assert plan.measured["batch1"]["speedup"] == pytest.approx(plan.measured["speedup"] * 0.3)
+    assert any("at batch 1 this plan measures" in n and "--batch-size 1" in n for n in notes)
+    timer.single_factor = 1.0
+    notes.clear()
+    _plan(model, "2x", method="glad", calibration=images, log=notes.append)
+    assert not any("at batch 1" in n for n in notes)
+    untimed = _plan(model, "2x", method="glad", calibration=images, measure_speed=False)
+    assert "batch1" not in untimed.measured

@@ -422,6 +422,8 @@ def make_plan(
     chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
     timing = deployment if measure_speed else None
     plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter)
+    if timing is not None and not plan.is_empty():
+        plan.measured["batch1"] = _batch1_check(chosen, speeds, say)
     if shortlist:
         others = _family_bests(chosen, candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
         with warnings.catch_warnings():
@@ -429,6 +431,25 @@ def make_plan(
             listed = [_record(geom, c, candidates, damages, speeds, target, timing, selection, meter) for c in others]
         plan.measured["shortlist"] = [p.to_dict() for p in listed]
     return plan
+
+
+def _batch1_check(c: Candidate, speeds: _Speeds, say: Log) -> dict[str, Any]:
+    """The chosen plan timed at batch 1 too (unless that is the deployment): a plan chosen for a
+    large batch can be slower than the original on single images (token merging's per-block index
+    operations cost the same at any batch), and the user should know before serving it so."""
+    d = speeds.deployment
+    assert d is not None
+    if d.batch_size == 1:
+        return c.speed.to_dict()  # type: ignore[union-attr]
+    from vitcompress.convert import convert
+
+    student = convert(speeds.model, c.plan, speeds.means).eval()
+    single = compare_speed(speeds.model, student, speeds.size, batch_size=1, threads=d.threads, device=d.device,
+                           seconds=d.seconds)
+    if single.speedup < 1.0:
+        say(f"note: at batch 1 this plan measures {single.speedup:.2f}x, slower than the original; "
+            f"to serve single images, plan with --batch-size 1")
+    return single.to_dict()
 
 
 def _family_bests(

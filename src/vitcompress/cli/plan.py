@@ -203,6 +203,10 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
              f"{len(m['timed'])} candidate(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}")
         if m.get("near_tie"):
             _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
+        single = m.get("batch1")
+        if single and d["batch_size"] != 1:
+            slower = " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
+            _say(f"at batch 1: {single['speedup']:.2f}x measured" + (slower if single["speedup"] < 1.0 else ""))
     else:
         _say(f"speed-up: {p['speedup']:.2f}x predicted from FLOPs (not timed); budget {plan.budget} "
              f"({p['target_speedup']:.2f}x): {status}")
