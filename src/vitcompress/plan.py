@@ -345,14 +345,19 @@ class _Speeds:
             return c.speed.speedup
         return _corrected(c, self.timed)
 
-    def time(self, c: Candidate) -> SpeedComparison:
+    def measure(self, plan: Plan, batch_size: Optional[int] = None) -> SpeedComparison:
+        """``plan`` converted and timed against the original on the deployment (at its batch size
+        unless ``batch_size`` says otherwise)."""
         from vitcompress.convert import convert
 
         d = self.deployment
         assert d is not None
-        student = convert(self.model, c.plan, self.means).eval()
-        c.speed = compare_speed(self.model, student, self.size, batch_size=d.batch_size, threads=d.threads,
-                                device=d.device, seconds=d.seconds)
+        student = convert(self.model, plan, self.means).eval()
+        return compare_speed(self.model, student, self.size, batch_size=batch_size or d.batch_size, threads=d.threads,
+                             device=d.device, seconds=d.seconds)
+
+    def time(self, c: Candidate) -> SpeedComparison:
+        c.speed = self.measure(c.plan)
         self.timed.append(c)
         return c.speed
 
@@ -437,15 +442,10 @@ def _batch1_check(c: Candidate, speeds: _Speeds, say: Log) -> dict[str, Any]:
     """The chosen plan timed at batch 1 too (unless that is the deployment): a plan chosen for a
     large batch can be slower than the original on single images (token merging's per-block index
     operations cost the same at any batch), and the user should know before serving it so."""
-    d = speeds.deployment
-    assert d is not None
-    if d.batch_size == 1:
+    assert speeds.deployment is not None
+    if speeds.deployment.batch_size == 1:
         return c.speed.to_dict()  # type: ignore[union-attr]
-    from vitcompress.convert import convert
-
-    student = convert(speeds.model, c.plan, speeds.means).eval()
-    single = compare_speed(speeds.model, student, speeds.size, batch_size=1, threads=d.threads, device=d.device,
-                           seconds=d.seconds)
+    single = speeds.measure(c.plan, batch_size=1)
     if single.speedup < 1.0:
         say(f"note: at batch 1 this plan measures {single.speedup:.2f}x, slower than the original; "
             f"to serve single images, plan with --batch-size 1")
