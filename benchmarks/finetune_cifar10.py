@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'cifar10-vit12-d96'}")
     parser.add_argument("--data", default=str(SHARED / "data" / "cifar10"))
     parser.add_argument("--budget", default="2x")
+    parser.add_argument("--method", default=None, help="planning method (default: compress's default, auto)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None)
     length.add_argument("--steps", type=int, default=None)
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vitcompress.finetune import FinetuneConfig
-    from vitcompress.pipeline import compress
+    from vitcompress.pipeline import PlanOptions, compress
 
     torch.set_num_threads(args.threads)
     settings = {"batch_size": args.batch_size, "num_workers": args.workers, "resume": args.resume,
@@ -77,8 +78,10 @@ def main() -> None:
         settings["lr"] = args.lr
     config = FinetuneConfig(**settings)
     out_root = Path(args.out_root)
+    planning = PlanOptions(method=args.method) if args.method else PlanOptions()
     started = time.monotonic()
     result = compress(args.model, args.budget, data=args.data, val_split="test", config=config, plan=args.plan, analysis=args.analysis,
+                      planning=planning,
                       out_root=out_root, output=out_root / "model.safetensors", force=True, log=StderrLog())
     report = {
         "model": args.model,
@@ -88,9 +91,11 @@ def main() -> None:
         "student_top1_before_finetune": result.student_top1_before,
         "student_top1": result.student_top1,
         "speedup": result.speedup,
-        "plan": {"static_layers": result.plan.static_layers,
+        "plan": {"method": result.plan.method, "describe": result.plan.describe(),
+                 "static_layers": result.plan.static_layers,
                  "reductions": [[r.before_block, r.scales] for r in result.plan.reductions],
-                 "predicted_speedup": result.plan.predicted.get("speedup")},
+                 "predicted_speedup": result.plan.predicted.get("speedup"),
+                 "measured": result.plan.measured},
         "finetune": result.finetune.to_dict() if result.finetune else None,
         "threads": torch.get_num_threads(),
         "wall_seconds": time.monotonic() - started,

@@ -22,6 +22,7 @@ from vitcompress.modules.tome import (
     merge_wavg,
     patch_tome,
     proportional_attention,
+    merge_schedule,
     r_schedule,
     set_token_size,
     token_size,
@@ -231,6 +232,26 @@ def test_r_schedule_constant_decreasing_and_clipping():
         r_schedule(4, -1, 65, 1)
     with pytest.raises(VitcompressError):
         tokens_after([1], 3, 3)
+
+
+def test_merge_schedule_any_total_and_r_schedule_is_its_multiple_of_depth():
+    for kind in ("constant", "decreasing"):
+        for r in range(6):
+            assert merge_schedule(12, 12 * r, 197, 1, kind) == r_schedule(12, r, 197, 1, kind)
+        for total in range(0, 80):
+            schedule = merge_schedule(12, total, 197, 1, kind)
+            assert sum(schedule) == total and schedule[0] >= schedule[-1]
+            if kind == "constant":
+                assert all(a >= b for a, b in zip(schedule, schedule[1:])) and max(schedule) - min(schedule) <= 1
+            else:  # running sums follow the exact ramp's, rounded
+                exact = [total * (2 * (k + 1) * 11 - k * (k + 1)) / (12 * 11) for k in range(12)]
+                assert all(abs(sum(schedule[: k + 1]) - e) <= 0.5 for k, e in enumerate(exact))
+    assert merge_schedule(4, 10, 197, 1) == [3, 3, 2, 2]
+    ramp = merge_schedule(4, 10, 197, 1, "decreasing")  # exact ramp 5, 3.33, 1.67, 0
+    assert ramp == [5, 3, 2, 0]
+    assert merge_schedule(4, 100, 65, 1) == [25, 20, 10, 5]  # 25 each, clipped to half the patches left
+    with pytest.raises(VitcompressError):
+        merge_schedule(4, -1, 65, 1)
 
 
 def test_arbitrary_schedule_is_clipped_like_tokens_after():

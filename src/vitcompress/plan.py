@@ -196,6 +196,7 @@ class Candidate:
     estimate: Optional[float] = None  # damage: sum of the parts' (or the proxy)
     damage: Optional[Damage] = None  # damage measured on the whole plan
     speed: Optional[SpeedComparison] = None  # speed-up measured on the whole plan
+    search_speedup: Optional[float] = None  # the search's short timing, when ``speed`` was re-timed longer
 
     @property
     def key(self) -> tuple:
@@ -245,17 +246,18 @@ def _candidate(geom: ModelGeometry, plan: Plan, family: str, parts: tuple[Part, 
 
 
 def _tome_schedules(geom: ModelGeometry) -> Iterator[tuple[str, list[int]]]:
-    """Token-merging schedules (kind, r per block), constant or decreasing, for every r that still merges more."""
-    from vitcompress.modules.tome import r_schedule
+    """Token-merging schedules (kind, r per block), constant or decreasing, for every total number of
+    tokens merged (not only multiples of the depth: a budget then gets the schedule that just meets
+    it, not one up to a block's worth of merges faster and more damaging)."""
+    from vitcompress.modules.tome import merge_schedule
 
     seen: set[tuple[int, ...]] = set()
     for kind in TOME_SCHEDULES:
-        for r in range(1, geom.num_patches):
-            schedule = tuple(r_schedule(geom.depth, r, geom.num_tokens, geom.num_prefix_tokens, kind=kind))
-            if schedule in seen:
-                break  # clipping leaves nothing more to merge
-            seen.add(schedule)
-            yield kind, list(schedule)
+        for total in range(1, geom.depth * geom.num_patches):
+            schedule = tuple(merge_schedule(geom.depth, total, geom.num_tokens, geom.num_prefix_tokens, kind=kind))
+            if schedule not in seen:  # clipped totals can repeat a schedule
+                seen.add(schedule)
+                yield kind, list(schedule)
 
 
 # ---- damage ----------------------------------------------------------------------------------
@@ -345,16 +347,16 @@ class _Speeds:
             return c.speed.speedup
         return _corrected(c, self.timed)
 
-    def measure(self, plan: Plan, batch_size: Optional[int] = None) -> SpeedComparison:
+    def measure(self, plan: Plan, batch_size: Optional[int] = None, seconds: Optional[float] = None) -> SpeedComparison:
         """``plan`` converted and timed against the original on the deployment (at its batch size
-        unless ``batch_size`` says otherwise)."""
+        and for its seconds unless told otherwise)."""
         from vitcompress.convert import convert
 
         d = self.deployment
         assert d is not None
         student = convert(self.model, plan, self.means).eval()
         return compare_speed(self.model, student, self.size, batch_size=batch_size or d.batch_size, threads=d.threads,
-                             device=d.device, seconds=d.seconds)
+                             device=d.device, seconds=seconds or d.seconds)
 
     def time(self, c: Candidate) -> SpeedComparison:
         c.speed = self.measure(c.plan)
@@ -426,6 +428,14 @@ def make_plan(
         if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
     chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
     timing = deployment if measure_speed else None
+    for _ in range(REPORT_RETRIES):
+        if timing is None or chosen.speed is None or chosen.search_speedup is not None:
+            break  # not timed, or already timed long (the fallback can return it again)
+        _retime(chosen, speeds, say)
+        if _meets(chosen.speed.speedup, target.speedup, True):
+            break
+        say("the longer timing falls short of the budget: searching again with it")
+        chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
     plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter)
     if timing is not None and not plan.is_empty():
         plan.measured["batch1"] = _batch1_check(chosen, speeds, say)
@@ -503,6 +513,23 @@ def _time(c: Candidate, speeds: _Speeds, say: Log) -> SpeedComparison:
     return s
 
 
+# The speed-up a plan reports comes from a timing this many times longer than a search timing:
+# the search only ranks candidates, but the reported figure is what the user compares with
+# ``bench``, and 10 rounds of a 0.3 s call spread by about 4% on a busy 2-core machine.
+REPORT_TIMING_FACTOR = 4
+REPORT_RETRIES = 3  # chosen plans whose longer timing fell short, replaced by the search's next choice
+
+
+def _retime(c: Candidate, speeds: _Speeds, say: Log) -> None:
+    """Time the chosen plan again, longer, for the figure it reports (the search's short timing is
+    kept for the record as ``search_speedup``)."""
+    assert speeds.deployment is not None and c.speed is not None
+    short = c.speed.speedup
+    c.speed = speeds.measure(c.plan, seconds=REPORT_TIMING_FACTOR * speeds.deployment.seconds)
+    c.search_speedup = short
+    say(f"chosen plan timed again, {c.speed.rounds} rounds: {c.speed.speedup:.2f}x (search timing {short:.2f}x)")
+
+
 def _measured(candidates: Sequence[Candidate]) -> list[Candidate]:
     return [c for c in candidates if c.damage is not None]
 
@@ -560,6 +587,7 @@ def _record(
         "budget_met": _meets(met_speed, target.speedup, c.speed is not None),
         "speedup": c.speed.speedup if c.speed else None,
         "speed": c.speed.to_dict() if c.speed else None,
+        "search_speedup": c.search_speedup,
         "deployment": deployment.to_dict() if deployment is not None else None,
         "damage": c.damage.to_dict() if c.damage else None,
         "part_damage": [{"change": _part_text(p), "kl": damages.parts[p].kl} for p in c.parts if p in damages.parts],

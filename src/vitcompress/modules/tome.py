@@ -217,13 +217,26 @@ def r_schedule(depth: int, r: int, num_tokens: int, num_prefix_tokens: int, kind
     to 0 with the same total ("decreasing"); each clipped to what the block can merge, so at least
     ``num_prefix_tokens + 1`` tokens remain. ``num_tokens`` includes the prefix tokens.
     """
+    if r < 0:
+        raise VitcompressError(f"a merge schedule needs r >= 0, got r={r}")
+    return merge_schedule(depth, depth * r, num_tokens, num_prefix_tokens, kind=kind)
+
+
+def merge_schedule(depth: int, total: int, num_tokens: int, num_prefix_tokens: int, kind: str = "constant") -> list[int]:
+    """Tokens to merge per block, ``total`` in all before clipping: as even as integers allow
+    ("constant": ``total // depth`` per block, one more in the first ``total % depth`` blocks) or a
+    linear ramp down to 0 ("decreasing"). ``r_schedule`` is the case ``total = depth * r``; any
+    total gives the planner a schedule for every token count, not only multiples of the depth.
+    Each block's count is clipped as in ``r_schedule``.
+    """
     _check_counts(num_tokens, num_prefix_tokens)
-    if depth < 1 or r < 0:
-        raise VitcompressError(f"a merge schedule needs depth >= 1 and r >= 0, got depth={depth}, r={r}")
+    if depth < 1 or total < 0:
+        raise VitcompressError(f"a merge schedule needs depth >= 1 and total >= 0, got depth={depth}, total={total}")
     if kind == "constant":
-        wanted = [r] * depth
+        per, extra = divmod(total, depth)
+        wanted = [per + (i < extra) for i in range(depth)]
     elif kind == "decreasing":
-        wanted = _linear_ramp(depth, r)
+        wanted = _linear_ramp(depth, total)
     else:
         raise VitcompressError(f"unknown merge schedule {kind!r}: use one of {', '.join(SCHEDULE_KINDS)}")
     schedule, n = [], num_tokens
@@ -233,14 +246,15 @@ def r_schedule(depth: int, r: int, num_tokens: int, num_prefix_tokens: int, kind
     return schedule
 
 
-def _linear_ramp(depth: int, r: int) -> list[int]:
-    """Integers following 2r*(depth-1-i)/(depth-1) whose running sums are the rounded exact running sums
-    (so the total is exactly depth * r; computed in integers, so no float rounding)."""
+def _linear_ramp(depth: int, total: int) -> list[int]:
+    """Integers following (2 total / depth) * (depth-1-i)/(depth-1) whose running sums are the rounded
+    exact running sums (so they add up to exactly ``total``; computed in integers, no float rounding)."""
     if depth == 1:
-        return [r]
+        return [total]
     d = depth - 1
-    # running sum of the first k+1 ramp values = 2r * ((k+1)d - k(k+1)/2) / d, rounded half up
-    sums = [(2 * (2 * r * ((k + 1) * d - k * (k + 1) // 2)) + d) // (2 * d) for k in range(depth)]
+    # running sum of the first k+1 ramp values = total * (2(k+1)d - k(k+1)) / (depth d), rounded half up
+    den = depth * d
+    sums = [(2 * total * (2 * (k + 1) * d - k * (k + 1)) + den) // (2 * den) for k in range(depth)]
     return [s - p for s, p in zip(sums, [0] + sums[:-1])]
 
 
@@ -462,6 +476,7 @@ __all__ = [
     "merge_wavg",
     "patch_tome",
     "proportional_attention",
+    "merge_schedule",
     "r_schedule",
     "set_token_size",
     "token_size",
