@@ -199,6 +199,12 @@ def test_a_chosen_plan_whose_longer_timing_falls_short_is_replaced(model, fake_t
     assert first["plan"] != plan.describe()  # the one that fell short is on record, not chosen
 
 
+def test_the_tolerance_serves_the_search_but_the_reported_timing_must_reach_the_budget() -> None:
+    inside = 2.0 * (1 - MEASURED_TOLERANCE / 2)
+    assert PLAN._meets(inside, 2.0, measured=True) and not PLAN._meets(inside, 2.0, measured=True, strict=True)
+    assert PLAN._meets(2.0, 2.0, measured=True, strict=True) and not PLAN._meets(inside, 2.0, measured=False)
+
+
 def _key(plan: Plan) -> tuple:
     return (tuple(plan.static_layers), tuple((r.before_block, tuple(r.scales)) for r in plan.reductions), tuple(plan.merges()))
 
