@@ -33,7 +33,7 @@ def _run_json(report_path: Path) -> dict[str, Any]:
     runs = sorted((report_path.parent / f"work-{report_path.stem}").glob("*/finetune/run.json"))
     if not runs:
         raise SystemExit(f"no run.json for {report_path}: was it written by planner_1000.sh?")
-    return read_json(runs[-1])
+    return read_json(runs[-1], "rerun planner_1000.sh for this run")
 
 
 def _means(root: Path) -> Optional[dict[int, torch.Tensor]]:
