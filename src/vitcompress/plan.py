@@ -432,7 +432,7 @@ def make_plan(
         if timing is None or chosen.speed is None or chosen.search_speedup is not None:
             break  # not timed, or already timed long (the fallback can return it again)
         _retime(chosen, speeds, say)
-        if _meets(chosen.speed.speedup, target.speedup, True, strict=True):
+        if _candidate_meets(chosen, chosen.speed.speedup, target.speedup):
             break
         say("the longer timing falls short of the budget: searching again with it")
         chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
@@ -472,7 +472,7 @@ def _family_bests(
         pool = [c for c in candidates if c.family == family]
         best = _search(pool, damages, speeds, target, timed, measured, say)
         speed = best.speed.speedup if best.speed is not None else speeds.predict(best)
-        if _meets(speed, target, best.speed is not None):
+        if _candidate_meets(best, speed, target):
             bests.append(best)
     return sorted(bests, key=lambda c: (damages.best_known(c), c.key))
 
@@ -491,7 +491,7 @@ def _search(
 ) -> Candidate:
     """Measure the candidate that currently looks best until the best is measured both ways."""
     for _ in range(MAX_TIMED + MAX_WHOLE + 1):
-        feasible = [c for c in candidates if _meets(speeds.predict(c), target, c.speed is not None, c.search_speedup is not None)]
+        feasible = [c for c in candidates if _candidate_meets(c, speeds.predict(c), target)]
         if not feasible:
             break
         best = min(feasible, key=lambda c: (round(damages.best_known(c), 9), c.flop_speedup, c.key))
@@ -544,7 +544,7 @@ def _fallback(candidates: list[Candidate], damages: _Damages, speeds: _Speeds, t
         return [c for c in speeds.timed if id(c) in pool_ids]
 
     def met() -> list[Candidate]:
-        return [c for c in timed() if _meets(c.speed.speedup, target, True, c.search_speedup is not None)]  # type: ignore[union-attr]
+        return [c for c in timed() if _candidate_meets(c, c.speed.speedup, target)]  # type: ignore[union-attr]
 
     if not met() and speeds.deployment is not None:
         fastest = max(candidates, key=lambda c: (speeds.predict(c), -damages.best_known(c), c.key))
@@ -561,6 +561,11 @@ def _meets(speedup: float, target: float, measured: bool, strict: bool = False) 
     chosen plan reports (``strict``) must reach the budget itself: what the user asked for."""
     tolerance = MEASURED_TOLERANCE if measured and not strict else 1e-9
     return speedup >= target * (1 - tolerance)
+
+
+def _candidate_meets(c: Candidate, speedup: float, target: float) -> bool:
+    """``_meets`` for ``c``'s kind of figure: predicted, a search timing, or the longer one it reports."""
+    return _meets(speedup, target, c.speed is not None, strict=c.search_speedup is not None)
 
 
 def _record(
@@ -587,7 +592,7 @@ def _record(
     }
     met_speed = c.speed.speedup if c.speed is not None else plan.predicted["speedup"]
     plan.measured = {
-        "budget_met": _meets(met_speed, target.speedup, c.speed is not None, c.search_speedup is not None),
+        "budget_met": _candidate_meets(c, met_speed, target.speedup),
         "speedup": c.speed.speedup if c.speed else None,
         "speed": c.speed.to_dict() if c.speed else None,
         "search_speedup": c.search_speedup,
