@@ -201,7 +201,10 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
         _say(f"speed-up: {p['speedup']:.2f}x predicted, {m['speedup']:.2f}x measured (quartiles {s['speedup_q25']:.2f}-"
              f"{s['speedup_q75']:.2f}; batch {d['batch_size']}, {d['threads']} threads, {d['device']}; "
              f"{len(m['timed'])} candidate(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}")
-        if m.get("near_tie"):
+        for tie in m.get("near_ties", []):
+            _say(f"[yellow]near-tie:[/] {tie['plan']} is less damaging (KL {tie['kl']:.4f}) but timed {tie['speedup']:.2f}x "
+                 f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a rerun may choose it")
+        if m.get("near_tie") and not m.get("near_ties"):
             _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
         single = m.get("batch1")
         if single and d["batch_size"] != 1:
