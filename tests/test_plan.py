@@ -367,7 +367,6 @@ def test_a_less_damaging_plan_as_fast_in_flops_replaces_the_one_the_search_stopp
     # neighbourhood measured leads to the same one.
     timer = fake_timer(1.0)
     candidates, damages, speeds, chosen, better = _neighbours(model)
-    candidates[candidates.index(chosen) - 1].damage = Damage(0.1, 0.95, 16)  # slower in FLOPs: not the neighbourhood's
     faster = [c for c in candidates if c.flop_speedup > chosen.flop_speedup * (1 + PLAN.NEIGHBOURHOOD)]
     faster[0].damage = Damage(0.05, 0.99, 16)  # too far: the search's to find, not the polish's
     target = chosen.flop_speedup * 0.9
@@ -375,6 +374,33 @@ def test_a_less_damaging_plan_as_fast_in_flops_replaces_the_one_the_search_stopp
     assert better.search_speedup is not None  # timed long too: the figure it would report
     assert PLAN._polish(better, candidates, damages, speeds, target, lambda m: None) is better
     assert len(timer.reports) == 2
+
+
+def test_a_less_damaging_plan_a_little_slower_in_flops_replaces_it_if_its_timing_meets_the_budget(model, fake_timer) -> None:
+    # A first timing a few percent off moves the search's prediction, and with it where it stops: it
+    # may stop above the least damaging plan that meets the budget.
+    fake_timer(1.0)
+    candidates, damages, speeds, chosen, _ = _neighbours(model)
+    slower = [c for c in candidates if chosen.flop_speedup / (1 + PLAN.NEIGHBOURHOOD) <= c.flop_speedup < chosen.flop_speedup]
+    assert slower, "the case needs a neighbour below"
+    slower[-1].damage = Damage(0.1, 0.95, 16)
+    assert PLAN._polish(chosen, candidates, damages, speeds, chosen.flop_speedup * 0.9, lambda m: None) is slower[-1]
+    slower[-1].speed = slower[-1].search_speedup = None
+    kept = PLAN._polish(chosen, candidates, damages, speeds, chosen.flop_speedup, lambda m: None)
+    assert kept is not slower[-1] and kept.flop_speedup >= chosen.flop_speedup  # too slow: not taken
+
+
+def test_among_neighbours_as_damaging_within_measurement_the_fastest_in_flops_is_taken(model, fake_timer) -> None:
+    # Damages within DAMAGE_TIE are a tie, broken by FLOPs (not by a timing, which varies run to run).
+    fake_timer(1.0)
+    candidates, damages, speeds, chosen, better = _neighbours(model)
+    near = [c for c in candidates if chosen.flop_speedup < c.flop_speedup <= chosen.flop_speedup * (1 + PLAN.NEIGHBOURHOOD)]
+    for c in near:
+        c.damage = Damage(0.5 * (1 + PLAN.DAMAGE_TIE / 4), 0.8, 16)
+    near[0].damage = Damage(0.5 / (1 + PLAN.DAMAGE_TIE / 4), 0.8, 16)  # less damaging, but within the tie
+    fastest = max(near, key=lambda c: c.flop_speedup)
+    target = chosen.flop_speedup * 0.9
+    assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None).flop_speedup >= fastest.flop_speedup
 
 
 def test_a_neighbour_whose_long_timing_falls_short_is_kept_out_and_recorded_as_a_near_tie(model, fake_timer) -> None:
@@ -583,7 +609,7 @@ def test_a_timed_plan_records_what_was_measured(model, images, fake_timer) -> No
     assert m["timed"] and all(set(t) == {"plan", "family", "flop_speedup", "speedup", "kl"} for t in m["timed"])
     chosen = [t for t in m["timed"] if t["plan"] == plan.describe()]
     assert len(chosen) == 1 and chosen[0]["speedup"] == m["speedup"] and chosen[0]["kl"] == m["damage"]["kl"]
-    assert m["near_tie"] == (m["speed"]["speedup_q25"] < 2.0 * (1 - MEASURED_TOLERANCE) or bool(m["near_ties"]))
+    assert m["near_tie"] == (m["speed"]["speedup_q25"] < 2.0 or bool(m["near_ties"]))
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
