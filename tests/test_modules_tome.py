@@ -254,6 +254,19 @@ def test_merge_schedule_any_total_and_r_schedule_is_its_multiple_of_depth():
         merge_schedule(4, -1, 65, 1)
 
 
+def test_every_k_schedules_merge_only_in_every_kth_block():
+    assert merge_schedule(12, 60, 197, 1, "every-2") == [10, 0] * 6
+    assert merge_schedule(12, 61, 197, 1, "every-3") == [16, 0, 0, 15, 0, 0, 15, 0, 0, 15, 0, 0]
+    assert merge_schedule(4, 100, 65, 1, "every-2") == [32, 0, 16, 0]  # clipped to what can merge
+    for kind in ("every-2", "every-3"):
+        step = int(kind[-1])
+        for total in range(0, 80):
+            schedule = merge_schedule(12, total, 197, 1, kind)
+            assert sum(schedule) == total and all(r == 0 for i, r in enumerate(schedule) if i % step)
+            merging = schedule[::step]
+            assert max(merging) - min(merging) <= 1
+
+
 def test_arbitrary_schedule_is_clipped_like_tokens_after():
     model = make_model()
     schedule = [100, 3, 100, 7]

@@ -64,7 +64,9 @@ from torch import Tensor, nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 
-SCHEDULE_KINDS = ("constant", "decreasing")
+# "every-2"/"every-3": merge only in every second/third block (from block 0), as evenly as
+# integers allow: fewer blocks pay the matching's fixed per-call cost (what dominates at batch 1).
+SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3")
 
 
 # ----------------------------------------------------------------------------- pure tensor code
@@ -224,8 +226,9 @@ def r_schedule(depth: int, r: int, num_tokens: int, num_prefix_tokens: int, kind
 
 def merge_schedule(depth: int, total: int, num_tokens: int, num_prefix_tokens: int, kind: str = "constant") -> list[int]:
     """Tokens to merge per block, ``total`` in all before clipping: as even as integers allow
-    ("constant": ``total // depth`` per block, one more in the first ``total % depth`` blocks) or a
-    linear ramp down to 0 ("decreasing"). ``r_schedule`` is the case ``total = depth * r``; any
+    ("constant": ``total // depth`` per block, one more in the first ``total % depth`` blocks), a
+    linear ramp down to 0 ("decreasing"), or as even as possible over every second or third block
+    only ("every-2", "every-3": blocks 0, 2, 4, ... or 0, 3, 6, ...). ``r_schedule`` is the case ``total = depth * r``; any
     total gives the planner a schedule for every token count, not only multiples of the depth.
     Each block's count is clipped as in ``r_schedule``.
     """
@@ -233,8 +236,11 @@ def merge_schedule(depth: int, total: int, num_tokens: int, num_prefix_tokens: i
     if depth < 1 or total < 0:
         raise VitcompressError(f"a merge schedule needs depth >= 1 and total >= 0, got depth={depth}, total={total}")
     if kind == "constant":
-        per, extra = divmod(total, depth)
-        wanted = [per + (i < extra) for i in range(depth)]
+        wanted = _even(total, depth)
+    elif kind.startswith("every-") and kind in SCHEDULE_KINDS:
+        step = int(kind[len("every-"):])
+        spread = iter(_even(total, len(range(0, depth, step))))
+        wanted = [next(spread) if i % step == 0 else 0 for i in range(depth)]
     elif kind == "decreasing":
         wanted = _linear_ramp(depth, total)
     else:
@@ -244,6 +250,12 @@ def merge_schedule(depth: int, total: int, num_tokens: int, num_prefix_tokens: i
         schedule.append(min(want, max_merge(n, num_prefix_tokens)))
         n -= schedule[-1]
     return schedule
+
+
+def _even(total: int, blocks: int) -> list[int]:
+    """``total`` over ``blocks`` as evenly as integers allow, the larger counts first."""
+    per, extra = divmod(total, blocks)
+    return [per + (i < extra) for i in range(blocks)]
 
 
 def _linear_ramp(depth: int, total: int) -> list[int]:
