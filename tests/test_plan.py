@@ -236,12 +236,15 @@ def test_the_timed_candidates_correct_the_predictions(model, fake_timer) -> None
     assert len(timed) <= 2 * 3 and mixed.predicted["speedup"] == pytest.approx(mixed.measured["speedup"])
 
 
+_PARTS = {"tome": (("tome", "constant"),)}
+
+
 def test_predictions_follow_the_nearest_timed_candidate_of_the_same_family(model) -> None:
     geom = model_geometry(model)
     speeds = PLAN._Speeds(model, None, None)
 
     def timed(family: str, flops: float, measured: float) -> Candidate:
-        c = Candidate(Plan(num_blocks=geom.depth, grid=geom.grid), family, flops, ())
+        c = Candidate(Plan(num_blocks=geom.depth, grid=geom.grid), family, flops, _PARTS.get(family, ()))
         c.speed = SpeedComparison(measured, measured, measured, 1.0, 1.0 / measured, 4, 10, 1, "cpu")
         return c
 
@@ -249,7 +252,9 @@ def test_predictions_follow_the_nearest_timed_candidate_of_the_same_family(model
     speeds.timed = [timed("glad", 2.0, 1.0), timed("glad", 4.0, 3.2), timed("tome", 2.0, 1.8)]
     assert speeds.predict(Candidate(Plan(), "glad", 2.4, ())) == pytest.approx(2.4 * 0.5)  # nearest glad: 2.0
     assert speeds.predict(Candidate(Plan(), "glad", 3.5, ())) == pytest.approx(3.5 * 0.8)  # nearest glad: 4.0
-    assert speeds.predict(Candidate(Plan(), "tome", 3.0, ())) == pytest.approx(3.0 * 0.9)
+    assert speeds.predict(Candidate(Plan(), "tome", 3.0, _PARTS["tome"])) == pytest.approx(3.0 * 0.9)
+    # token merging's schedule kinds are classes of their own: merging in fewer blocks pays less per call
+    assert speeds.predict(Candidate(Plan(), "tome", 3.0, (("tome", "every-3"),))) == 3.0
     assert speeds.predict(Candidate(Plan(), "dgssa", 2.1, ())) == 2.1  # no dgssa timed: FLOPs, not a slower family's ratio
     speeds.timed.append(timed("glad", 1.5, 1.8))
     assert speeds.predict(Candidate(Plan(), "dgssa", 1.4, ())) == pytest.approx(1.4 * 1.2)  # unless the nearest is faster

@@ -202,6 +202,13 @@ class Candidate:
     search_speedup: Optional[float] = None  # the search's short timing, when ``speed`` was re-timed longer
 
     @property
+    def speed_class(self) -> tuple:
+        """Plans whose measured/FLOP speed ratio is alike: the family, and for token merging the
+        schedule kind (merging in every third block pays the matching's per-call cost a third as
+        often, so its ratio is higher than an every-block schedule's at the same FLOPs)."""
+        return (self.family, self.parts[0][1]) if self.family == "tome" else (self.family,)
+
+    @property
     def key(self) -> tuple:
         p = self.plan
         return (tuple(p.static_layers), tuple((r.before_block, tuple(r.scales)) for r in p.reductions), tuple(p.merges()))
@@ -371,7 +378,7 @@ class _Speeds:
 # A measured speed-up comes from a short timing with a few percent of noise: a plan that measures
 # within this fraction of the budget counts as meeting it, so the verdict does not flip run to run.
 MEASURED_TOLERANCE = 0.03
-MAX_TIMED = 8  # whole candidates timed at most
+MAX_TIMED = 12  # whole candidates timed at most (each speed class gets one exploratory timing)
 MAX_WHOLE = 24  # whole candidates' damage measured at most
 DEFAULT_CALIBRATION_IMAGES = 256
 
@@ -675,13 +682,14 @@ def _prediction_before(c: Candidate, speeds: _Speeds) -> float:
 
 def _corrected(c: Candidate, timed: Sequence[Candidate]) -> float:
     """``c``'s FLOP speed-up times the measured/FLOP ratio of the nearest timed candidate of its
-    family. A family not timed yet keeps its FLOP speed-up unless another family's ratio is higher:
-    another family's (often lower) ratio would rule its plans out before any of them is timed."""
+    speed class (``Candidate.speed_class``). A class not timed yet keeps its FLOP speed-up unless
+    another class's ratio is higher: another class's (often lower) ratio would rule its plans out
+    before any of them is timed."""
     def ratio(pool: Sequence[Candidate]) -> float:
         nearest = min(pool, key=lambda t: (abs(t.flop_speedup - c.flop_speedup), t.key))
         return nearest.speed.speedup / nearest.flop_speedup  # type: ignore[union-attr]
 
-    same = [t for t in timed if t.family == c.family]
+    same = [t for t in timed if t.speed_class == c.speed_class]
     if same:
         return c.flop_speedup * ratio(same)
     return c.flop_speedup * max(1.0, ratio(timed)) if timed else c.flop_speedup
