@@ -197,6 +197,18 @@ def test_a_chosen_plan_whose_longer_timing_falls_short_is_replaced(model, fake_t
     assert m["budget_met"] is True and m["speedup"] == pytest.approx(timer.reports[1][2])
     first = next(t for t in m["timed"] if t["speedup"] == pytest.approx(timer.reports[0][2]))
     assert first["plan"] != plan.describe()  # the one that fell short is on record, not chosen
+    assert m["search_speedup"] >= 1.5  # searched again, a search timing had to reach the budget itself
+
+
+def test_when_every_longer_timing_falls_short_the_last_choice_stands_and_says_so(model, fake_timer) -> None:
+    timer = fake_timer(0.7)
+    timer.report_factors = [0.5] * (PLAN.REPORT_RETRIES + 1)
+    with pytest.warns(UserWarning, match="not reachable"):
+        plan = make_plan(model, None, "1.5x", method="glad", deployment=DEPLOY)
+    m = plan.measured
+    assert 2 <= len(timer.reports) <= PLAN.REPORT_RETRIES + 1  # searched again, at most that often
+    assert m["budget_met"] is False and m["search_speedup"] is not None  # reported: a long timing, short of 1.5x
+    assert m["speedup"] in [pytest.approx(s) for _, _, s in timer.reports] and m["speedup"] < 1.5
 
 
 def test_the_tolerance_serves_the_search_but_the_reported_timing_must_reach_the_budget() -> None:

@@ -438,14 +438,8 @@ def make_plan(
         if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
     chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
     timing = deployment if measure_speed else None
-    for _ in range(REPORT_RETRIES):
-        if timing is None or chosen.speed is None or chosen.search_speedup is not None:
-            break  # not timed, or already timed long (the fallback can return it again)
-        _retime(chosen, speeds, say)
-        if _candidate_meets(chosen, chosen.speed.speedup, target.speedup):
-            break
-        say("the longer timing falls short of the budget: searching again with it")
-        chosen = _search(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
+    if timing is not None:
+        chosen = _confirm(chosen, candidates, damages, speeds, target.speedup, meter is not None, say)
     if timing is not None and meter is not None and chosen.search_speedup is not None:
         chosen = _polish(chosen, candidates, damages, speeds, target.speedup, say)
     plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter)
@@ -529,7 +523,7 @@ def _time(c: Candidate, speeds: _Speeds, say: Log) -> SpeedComparison:
 # the search only ranks candidates, but the reported figure is what the user compares with
 # ``bench``, and 10 rounds of a 0.3 s call spread by about 4% on a busy 2-core machine.
 REPORT_TIMING_FACTOR = 4
-REPORT_RETRIES = 3  # chosen plans whose longer timing fell short, replaced by the search's next choice
+REPORT_RETRIES = 4  # chosen plans whose longer timing fell short, replaced by the search's next choice
 
 
 def _retime(c: Candidate, speeds: _Speeds, say: Log) -> None:
@@ -582,6 +576,25 @@ def _polish(chosen: Candidate, candidates: Sequence[Candidate], damages: _Damage
         if _candidate_meets(best, best.speed.speedup, target):  # type: ignore[union-attr]
             say(f"{why}, and meets the budget: {best.plan.describe()}")
             chosen = best
+    return chosen
+
+
+def _confirm(chosen: Candidate, candidates: list[Candidate], damages: _Damages, speeds: _Speeds, target: float,
+             measured: bool, say: Log) -> Candidate:
+    """Time the chosen plan again, longer; while that falls short of the budget, search again, now
+    asking a search timing to reach the budget itself rather than come within the tolerance (the
+    plans just inside it are the ones that fall short when timed long; on a busy machine the
+    search otherwise kept choosing them). After ``REPORT_RETRIES`` the last choice stands with its
+    long timing, and the plan says whether it meets the budget."""
+    for attempt in range(REPORT_RETRIES + 1):
+        if chosen.speed is None:
+            return chosen  # the fallback's untimed fastest plan: nothing to confirm
+        if chosen.search_speedup is None:
+            _retime(chosen, speeds, say)
+        if _candidate_meets(chosen, chosen.speed.speedup, target) or attempt == REPORT_RETRIES:
+            return chosen
+        say("the longer timing falls short of the budget: searching again with it")
+        chosen = _search(candidates, damages, speeds, target / (1 - MEASURED_TOLERANCE), True, measured, say)
     return chosen
 
 
