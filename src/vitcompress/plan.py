@@ -560,10 +560,11 @@ def _polish(chosen: Candidate, candidates: Sequence[Candidate], damages: _Damage
         near = [c for c in candidates if c.family == chosen.family and id(c) not in tried
                 and chosen.flop_speedup / (1 + NEIGHBOURHOOD) <= c.flop_speedup <= chosen.flop_speedup * (1 + NEIGHBOURHOOD)]
         kl = damages.whole(chosen).kl
-        better = [c for c in near if damages.whole(c).kl < kl / (1 + DAMAGE_TIE)]
-        tied = [c for c in near if c.damage.kl <= kl * (1 + DAMAGE_TIE) and c.flop_speedup > chosen.flop_speedup]  # type: ignore[union-attr]
+        near_kl = {id(c): damages.whole(c).kl for c in near}
+        better = [c for c in near if near_kl[id(c)] < kl / (1 + DAMAGE_TIE)]
+        tied = [c for c in near if near_kl[id(c)] <= kl * (1 + DAMAGE_TIE) and c.flop_speedup > chosen.flop_speedup]
         if better:
-            best, why = min(better, key=lambda c: (round(c.damage.kl, 9), c.key)), "less damaging"  # type: ignore[union-attr]
+            best, why = min(better, key=lambda c: (round(near_kl[id(c)], 9), c.key)), "less damaging"
         elif tied:
             best, why = max(tied, key=lambda c: (c.flop_speedup, c.key)), "as damaging within measurement and faster in FLOPs"
         else:
