@@ -138,3 +138,16 @@ def test_compare_speed_reports_its_conditions() -> None:
     timed = compare_speed(teacher, student, (3, 32, 32), batch_size=2, seconds=0.0)
     assert timed.rounds == 10  # the minimum when the time budget is spent
     assert compare_speed(teacher, teacher, (3, 32, 32), batch_size=1, rounds=3).speedup > 0
+
+
+def test_steady_allocator_pins_glibc_thresholds_once_and_timing_pins_them() -> None:
+    import sys
+
+    from vitcompress import timing
+
+    first = timing.steady_allocator()
+    assert timing.steady_allocator() is first  # once per process, the same answer
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert first is True
+    timing.measure_interleaved({"a": lambda: None}, warmup=0, repeats=1)
+    assert timing._allocator_pinned is first
