@@ -37,6 +37,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--plan", action="append", required=True, metavar="NAME=SPEC")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: compress's 1 epoch)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: compress's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=30, help="timed rounds of the --time-only bench run")
@@ -76,7 +77,7 @@ def finetune_rows(args: argparse.Namespace) -> None:
     means = analyze(teacher, train, samples=256).attention_means if any(p.static_layers for p in plans.values()) else None
     meter = DamageMeter(teacher, calibration_images(val, len(val)), attention_means=means)
     config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, num_workers=1, progress=False,
-                            augment="flip-shift")
+                            augment="flip-shift", **({} if args.lr is None else {"lr": args.lr}))
     for name, plan in plans.items():
         started = time.monotonic()
         damage = meter.whole(plan)
@@ -86,7 +87,7 @@ def finetune_rows(args: argparse.Namespace) -> None:
         student.eval()
         row = {"plan": name, "describe": plan.describe(), "flop_speedup": flop_speedup(model_geometry(teacher), plan),
                "kl_free_val": damage.kl, "val_top1_free": free_val, "val_top1": evaluate_top1(student, val_batches),
-               "top1": evaluate_top1(student, test_batches), "steps": args.steps or "1 epoch",
+               "top1": evaluate_top1(student, test_batches), "steps": args.steps or "1 epoch", "lr": config.lr,
                "threads": args.threads, "seconds": time.monotonic() - started, "plan_dict": plan.to_dict()}
         print(f"{name}: KL {row['kl_free_val']:.4f}; val top-1 {row['val_top1_free']:.4f} -> {row['val_top1']:.4f} "
               f"(test {row['top1']:.4f})", file=sys.stderr, flush=True)

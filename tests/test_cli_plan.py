@@ -162,3 +162,33 @@ def test_analysis_in_the_out_folder_is_used(model_dir: Path, tmp_path: Path) -> 
     assert printed == load_plan(tmp_path).to_dict()
     assert "analysis of 'tiny'" in printed["predicted"]["selection"] and printed["predicted"]["damage_source"].startswith("proxy")
     assert printed["static_layers"] and 0 not in printed["static_layers"]  # the dynamic block 0 stays dynamic
+
+
+def _merging_is_slow_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate measures 3x at the deployment's batch; at batch 1 token merging 0.5x, the rest 1.5x."""
+    from vitcompress.modules.tome import is_patched
+    from vitcompress.timing import SpeedComparison
+
+    def fake(baseline, model, input_size, *, batch_size=32, threads=None, device=None, seconds=3.0, **kwargs):
+        s = (0.5 if is_patched(model) else 1.5) if batch_size == 1 else 3.0
+        return SpeedComparison(speedup=s, speedup_q25=s, speedup_q75=s, baseline_ms=10.0, model_ms=10.0 / s,
+                               batch_size=batch_size, rounds=10, threads=1, device="cpu")
+
+    monkeypatch.setattr(PLAN, "compare_speed", fake)
+
+
+def test_a_plan_slower_at_batch_1_is_set_aside_unless_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _merging_is_slow_at_batch_1(monkeypatch)
+    kept = _demo(tmp_path / "kept", "--budget", "2x", *CALIB, "--batch-size", "4", "--allow-slower-at-batch-1")
+    assert kept.exit_code == 0, kept.output
+    first = load_plan(tmp_path / "kept")
+    assert any(first.merges()) and first.measured["batch1"]["speedup"] == 0.5  # the least damaging: merging
+    assert "slower than the original" in kept.stdout and "set aside" not in kept.stdout
+    result = _demo(tmp_path / "floor", "--budget", "2x", *CALIB, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "floor")
+    assert not any(plan.merges()) and plan.measured["batch1"]["speedup"] == 1.5
+    assert plan.measured["slower_at_batch1"][0]["plan"] == first.describe()
+    out = result.stdout.replace("\n", " ")
+    assert f"set aside: {first.describe()} (3.00x at batch 4, 0.50x at batch 1" in out
+    assert "at batch 1: 1.50x measured" in out

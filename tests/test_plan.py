@@ -8,6 +8,8 @@ the structure of what comes back.
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import warnings
 from typing import Callable, Union
@@ -95,7 +97,7 @@ class FakeTimer:
         self.reports: list[tuple[str, float, float]] = []  # the same, the chosen plan's longer timing
         self.search_seconds = DEPLOY_SECONDS  # a call timing longer than this is the report timing
         self.report_factors: list[float] = []  # report timings' factors in turn (then 1.0)
-        self.single_factor = 1.0  # measured at batch 1 = measured at the deployment's batch x this
+        self.single_factor: Factor = 1.0  # measured at batch 1 = measured at the deployment's batch x this
 
     def speedup(self, family: str, flop_speedup: float) -> float:
         return flop_speedup * self.factor(family)
@@ -106,7 +108,7 @@ class FakeTimer:
         family, flops = kind_of(model), flop_speedup(geom, plan_of(model, geom))
         s = self.speedup(family, flops)
         if batch_size == 1:
-            s *= self.single_factor
+            s *= self.single_factor(family) if callable(self.single_factor) else self.single_factor
         elif seconds > self.search_seconds and self.report_factors:
             s *= self.report_factors.pop(0)
         calls = self.single if batch_size == 1 else self.reports if seconds > self.search_seconds else self.calls
@@ -715,10 +717,27 @@ def test_the_chosen_plan_is_also_timed_at_batch_1_and_a_slower_one_is_flagged(mo
     plan = _plan(model, "2x", method="glad", calibration=images, log=notes.append)
     assert len(timer.single) == 1 and plan.measured["batch1"]["batch_size"] == 1
     assert plan.measured["batch1"]["speedup"] == pytest.approx(plan.measured["speedup"] * 0.3)
-    assert any("at batch 1 this plan measures" in n and "--batch-size 1" in n for n in notes)
+    assert any("no plan that meets the budget measures 1.00x at batch 1" in n and "--batch-size 1" in n for n in notes)
+    assert plan.measured["slower_at_batch1"] == []  # nothing else to choose: the one kept is flagged, not set aside
     timer.single_factor = 1.0
     notes.clear()
     _plan(model, "2x", method="glad", calibration=images, log=notes.append)
     assert not any("at batch 1" in n for n in notes)
     untimed = _plan(model, "2x", method="glad", calibration=images, measure_speed=False)
     assert "batch1" not in untimed.measured
+
+
+def test_a_plan_slower_than_the_original_at_batch_1_is_set_aside_for_the_best_that_is_not(model, images, fake_timer) -> None:
+    timer = fake_timer(1.0)
+    timer.single_factor = lambda family: 0.3 if family == "tome" else 1.0  # merging's per-call cost at batch 1
+    free = _plan(model, "2x", method="auto", calibration=images, deployment=dataclasses.replace(DEPLOY, batch1_floor=None))
+    assert _families(free) == "tome" and free.measured["batch1"]["speedup"] < 1.0  # least damaging, not checked
+    notes: list[str] = []
+    plan = _plan(model, "2x", method="auto", calibration=images, log=notes.append)
+    assert _families(plan) != "tome" and plan.measured["batch1"]["speedup"] >= 1.0 and plan.measured["budget_met"]
+    assert plan.measured["damage"]["kl"] >= free.measured["damage"]["kl"]
+    aside = plan.measured["slower_at_batch1"]
+    assert aside[0]["plan"] == free.describe()  # every merging schedule kind tried, each slower at batch 1
+    assert all(a["batch1_speedup"] < 1.0 and a["plan"].startswith("token merging") for a in aside)
+    assert any("searching the other kinds of plan" in n for n in notes)
+    assert Deployment().batch1_floor == 1.0

@@ -198,6 +198,7 @@ class PlanOptions:
     batch_size: int = 32
     threads: Optional[int] = None
     device: Optional[str] = None  # default: where the model is fine-tuned
+    batch1_floor: Optional[float] = 1.0  # the chosen plan's least speed-up at batch 1 (None: not checked)
     # Steps of the probe fine-tune of each family's best plan (0: choose on training-free damage).
     probe_steps: int = 0
 
@@ -238,7 +239,7 @@ def _analysis_and_plan(
 
     calibration = calibration_images(train, options.calibration_images)
     deployment = Deployment(device=options.device or str(next(teacher.parameters()).device),
-                            batch_size=options.batch_size, threads=options.threads)
+                            batch_size=options.batch_size, threads=options.threads, batch1_floor=options.batch1_floor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an unreachable budget is reported below, on one line
         made = make_plan(teacher, result, budget, method=options.method, calibration=calibration,

@@ -95,6 +95,7 @@ def compress_command(
     tome_r: Annotated[Optional[int], typer.Option("--tome-r", min=1, help="Token merging with r tokens merged per block (implies --method tome; skips planning).")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help="Training images the planner measures damage on (0: analysis proxy).")] = 256,
     plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,
+    allow_slower_at_batch_1: Annotated[bool, typer.Option("--allow-slower-at-batch-1", help="Keep a plan that is slower than the original at batch 1 (by default such a plan is set aside for the best one that is not).")] = False,
     probe_steps: Annotated[int, typer.Option("--probe-steps", min=0, help="Probe-fine-tune the best plan of each family (static attention, GLAD, both, token merging) for this many steps and keep the one least damaged after it (0: choose on training-free damage).")] = 0,
     no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Plan from FLOPs only (no timing).")] = False,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Images for the attention analysis.")] = 256,
@@ -124,7 +125,8 @@ def compress_command(
     from vitcompress.pipeline import PlanOptions
 
     planning = PlanOptions(method="tome" if tome_r is not None else method, calibration_images=calibration_images,
-                           batch_size=plan_batch_size, threads=threads, probe_steps=probe_steps)
+                           batch_size=plan_batch_size, threads=threads, probe_steps=probe_steps,
+                           batch1_floor=None if allow_slower_at_batch_1 else 1.0)
     result = compress(
         model, budget, data=data, split=split, val_split=val_split, image_column=image_column, label_column=label_column,
         analysis=analysis, plan=plan, finetune=not no_finetune, config=config, output=output, force=force,

@@ -56,6 +56,12 @@ AllowBelowOpt = Annotated[
     bool,
     typer.Option("--allow-below-budget", help="If the budget cannot be met, write the fastest plan anyway (exit 0)."),
 ]
+AnyBatch1Opt = Annotated[
+    bool,
+    typer.Option("--allow-slower-at-batch-1",
+                 help="Keep a plan that is slower than the original at batch 1 (by default such a plan, e.g. token "
+                      "merging's per-block overhead, is set aside for the best one that is not)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
@@ -77,6 +83,7 @@ def plan_command(
     random_init: RandomInitOpt = False,
     num_classes: NumClassesOpt = None,
     allow_below_budget: AllowBelowOpt = False,
+    allow_slower_at_batch_1: AnyBatch1Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose what to compress so that the measured speed-up meets --budget at the least damage.
@@ -85,7 +92,9 @@ def plan_command(
     own demo data for the demo): KL between the original's and the candidate's predictions. Speed
     is measured: the candidates that could be chosen are converted and timed against the original
     on --device at --batch-size with --threads. Prints the plan (per block: kind, tokens, FLOPs,
-    measured damage of each change) and writes plan.json. When the budget cannot be met it shows
+    measured damage of each change) and writes plan.json. The chosen plan is also timed at batch 1:
+    one slower than the original there is set aside for the best plan that is not (unless
+    --allow-slower-at-batch-1). When the budget cannot be met it shows
     the fastest plan and exits with code 2, unless --allow-below-budget.
     """
     from vitcompress.plan_types import METHODS, Budget
@@ -109,7 +118,8 @@ def plan_command(
         plan = make_plan(
             net, recorded, budget, method=method, calibration=calibration,
             attention_means=getattr(recorded, "attention_means", None),
-            deployment=Deployment(device=device, batch_size=batch_size, threads=threads),
+            deployment=Deployment(device=device, batch_size=batch_size, threads=threads,
+                                  batch1_floor=None if allow_slower_at_batch_1 else 1.0),
             measure_speed=not no_calibrate, log=note,
         )
     met = budget_met(plan)
@@ -206,6 +216,9 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
                  f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a rerun may choose it")
         if m.get("near_tie") and not m.get("near_ties"):
             _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
+        for other in m.get("slower_at_batch1", []):
+            _say(f"set aside: {other['plan']} ({other['speedup']:.2f}x at batch {d['batch_size']}, "
+                 f"{other['batch1_speedup']:.2f}x at batch 1: slower than the original on single images)")
         single = m.get("batch1")
         if single and d["batch_size"] != 1:
             slower = " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
