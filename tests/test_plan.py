@@ -741,3 +741,30 @@ def test_a_plan_slower_than_the_original_at_batch_1_is_set_aside_for_the_best_th
     assert all(a["batch1_speedup"] < 1.0 and a["plan"].startswith("token merging") for a in aside)
     assert any("searching the other kinds of plan" in n for n in notes)
     assert Deployment().batch1_floor == 1.0
+    # The probe's shortlist keeps out what is slower at batch 1 too; when merging is fast there, it is listed.
+    listed = _plan(model, "2x", method="auto", calibration=images, shortlist=True).measured["shortlist"]
+    assert listed and not any(any(d["merge_r"]) for d in listed)
+    timer.single_factor = lambda family: 1.0 if family == "tome" else 0.3  # now the other families are slow there
+    floored = _plan(model, "2x", method="auto", calibration=images, shortlist=True)
+    unfloored = _plan(model, "2x", method="auto", calibration=images, shortlist=True,
+                      deployment=dataclasses.replace(DEPLOY, batch1_floor=None))
+    assert floored.describe() == unfloored.describe() == free.describe()
+    assert floored.measured["shortlist"] == [] and unfloored.measured["shortlist"]
+
+
+def test_a_timing_that_spreads_widely_says_the_machine_was_busy() -> None:
+    from vitcompress.plan import NOISY_SPREAD, noisy_timing_message, timing_spread
+
+    def speed(q25: float, median: float, q75: float) -> SpeedComparison:
+        return SpeedComparison(speedup=median, speedup_q25=q25, speedup_q75=q75, baseline_ms=10.0, model_ms=5.0,
+                               batch_size=32, rounds=40, threads=1, device="cpu")
+
+    quiet, busy = speed(1.97, 2.02, 2.07), speed(3.38, 4.71, 6.50)  # the CIFAR-10 teacher's, quiet and with 3 processes on 2 cores
+    assert timing_spread(quiet) == pytest.approx(0.10 / 2.02) and timing_spread(busy) > NOISY_SPREAD > timing_spread(quiet)
+    plan = Plan(num_blocks=4, grid=(8, 8))
+    plan.measured = {"timing_spread": timing_spread(busy)}
+    assert "machine was busy" in noisy_timing_message(plan) and "66%" in noisy_timing_message(plan)
+    plan.measured = {"timing_spread": timing_spread(quiet)}
+    assert noisy_timing_message(plan) is None
+    plan.measured = {}
+    assert noisy_timing_message(plan) is None
