@@ -305,6 +305,19 @@ def test_out_of_timings_only_a_timed_plan_is_chosen(model, fake_timer, monkeypat
     assert m["budget_met"] == (m["speedup"] >= 1.5 * (1 - MEASURED_TOLERANCE))
 
 
+def test_out_of_timings_the_least_damaging_plans_predicted_to_clear_the_budget_are_timed_before_the_fastest(
+        model, images, fake_timer, monkeypatch) -> None:
+    timer = fake_timer(0.7)
+    monkeypatch.setattr(PLAN, "MAX_TIMED", 1)  # the search's only timing falls short (0.7 of its FLOPs)
+    plan = _plan(model, "1.5x", method="dgssa-glad", calibration=images)
+    candidates, _ = _all_candidates(model, "dgssa-glad")
+    fastest = max(c.flop_speedup for c in candidates)
+    m = plan.measured
+    assert m["budget_met"] and m["speedup"] >= 1.5 and plan.predicted["flop_speedup"] < fastest
+    assert 2 <= len(timer.calls) <= 1 + PLAN.FALLBACK_TIMINGS
+    assert all(f < fastest for _, f, _ in timer.calls) and plan.predicted["flop_speedup"] == timer.calls[-1][1]
+
+
 # ---- methods -----------------------------------------------------------------------------
 def test_each_method_considers_only_its_own_kinds(model) -> None:
     allowed = {
