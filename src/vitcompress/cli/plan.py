@@ -218,8 +218,9 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
                  f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a rerun may choose it")
         if m.get("near_tie") and not m.get("near_ties"):
             _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
-        if noisy_timing_message(plan):
-            _say(f"[yellow]warning:[/] {noisy_timing_message(plan)}")
+        noisy = noisy_timing_message(plan)
+        if noisy:
+            _say(f"[yellow]warning:[/] {noisy}")
         for other in m.get("slower_at_batch1", []):
             _say(f"set aside: {other['plan']} ({other['speedup']:.2f}x at batch {d['batch_size']}, "
                  f"{other['batch1_speedup']:.2f}x at batch 1: slower than the original on single images)")
