@@ -254,6 +254,12 @@ SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split 
 ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="Image column (default: detected).")]
 LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="Label column (default: detected).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+SlowerAtBatch1Opt = Annotated[
+    bool,
+    typer.Option("--allow-slower-at-batch-1",
+                 help="Keep a plan that is slower than the original at batch 1 (by default such a plan, e.g. token "
+                      "merging's per-block overhead, is set aside for the best one that is not)."),
+]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: up to 4).")]
 
 

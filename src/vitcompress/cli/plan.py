@@ -18,6 +18,7 @@ from vitcompress.cli._common import (
     ModelArg,
     NumClassesOpt,
     RandomInitOpt,
+    SlowerAtBatch1Opt,
     check_output_folder,
     fail,
     handle_errors,
@@ -56,12 +57,6 @@ AllowBelowOpt = Annotated[
     bool,
     typer.Option("--allow-below-budget", help="If the budget cannot be met, write the fastest plan anyway (exit 0)."),
 ]
-AnyBatch1Opt = Annotated[
-    bool,
-    typer.Option("--allow-slower-at-batch-1",
-                 help="Keep a plan that is slower than the original at batch 1 (by default such a plan, e.g. token "
-                      "merging's per-block overhead, is set aside for the best one that is not)."),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
@@ -83,7 +78,7 @@ def plan_command(
     random_init: RandomInitOpt = False,
     num_classes: NumClassesOpt = None,
     allow_below_budget: AllowBelowOpt = False,
-    allow_slower_at_batch_1: AnyBatch1Opt = False,
+    allow_slower_at_batch_1: SlowerAtBatch1Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose what to compress so that the measured speed-up meets --budget at the least damage.
