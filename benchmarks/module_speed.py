@@ -28,10 +28,7 @@ import timm
 import torch
 from torch import nn
 
-try:  # the timer's future home; vitcompress.bench had it first
-    from vitcompress.timing import measure_interleaved, speedup
-except ImportError:
-    from vitcompress.bench import measure_interleaved, speedup
+from vitcompress.timing import measure_interleaved, speedup
 from vitcompress.cost import model_geometry
 from vitcompress.modules import DGSSA
 

@@ -7,7 +7,8 @@
 Each ``--plan NAME=SPEC`` (SPEC: a plan.json path, or the JSON of a plan's fields) is converted from
 the teacher (static layers from the mean attention of 256 training images), measured training-free
 (KL to the original on the 1,000-image validation slice held out of the training split), fine-tuned
-with `vitcompress compress`'s recipe (``--steps``; default: compress's default, 1 epoch), and
+with `vitcompress compress`'s recipe (``--steps``; default: compress's default, 1 epoch; ``--lr`` and
+``--set FIELD=VALUE`` change a FinetuneConfig field for every plan of the run), and
 evaluated on that validation slice (what choices are made on) and on the test split (reported
 only). Rows go to ``--out``/rows-<NAME>.json, so two processes (one per core) can share a folder.
 ``--time-only`` instead times every plan, converted, against the original in ONE interleaved
@@ -38,6 +39,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: compress's 1 epoch)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: compress's)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="a FinetuneConfig field for every plan of this run, e.g. --set kd_temperature=1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=30, help="timed rounds of the --time-only bench run")
@@ -62,6 +65,24 @@ def read_plans(specs: list[str], teacher: Any) -> dict[str, Any]:
     return plans
 
 
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--lr`` and every ``--set FIELD=VALUE``, each value converted to the type of the field's default."""
+    from dataclasses import fields
+
+    from vitcompress.finetune import FinetuneConfig
+
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    recipe: dict[str, Any] = {} if args.lr is None else {"lr": args.lr}
+    for item in args.overrides:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(defaults))}")
+        default = defaults[name]
+        kind = type(default) if default is not None else (int if text.lstrip("-").isdigit() else float)
+        recipe[name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+    return recipe
+
+
 def finetune_rows(args: argparse.Namespace) -> None:
     from vitcompress._io import write_json_atomic
     from vitcompress.analyze import analyze
@@ -76,8 +97,10 @@ def finetune_rows(args: argparse.Namespace) -> None:
     plans = read_plans(args.plan, teacher)
     means = analyze(teacher, train, samples=256).attention_means if any(p.static_layers for p in plans.values()) else None
     meter = DamageMeter(teacher, calibration_images(val, len(val)), attention_means=means)
+    recipe = recipe_overrides(args)
     config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, num_workers=1, progress=False,
-                            augment="flip-shift", **({} if args.lr is None else {"lr": args.lr}))
+                            augment="flip-shift", **recipe)
+    config.validate()
     for name, plan in plans.items():
         started = time.monotonic()
         damage = meter.whole(plan)
@@ -88,6 +111,7 @@ def finetune_rows(args: argparse.Namespace) -> None:
         row = {"plan": name, "describe": plan.describe(), "flop_speedup": flop_speedup(model_geometry(teacher), plan),
                "kl_free_val": damage.kl, "val_top1_free": free_val, "val_top1": evaluate_top1(student, val_batches),
                "top1": evaluate_top1(student, test_batches), "steps": args.steps or "1 epoch", "lr": config.lr,
+               "recipe": recipe, "val_images": args.val_images,
                "threads": args.threads, "seconds": time.monotonic() - started, "plan_dict": plan.to_dict()}
         print(f"{name}: KL {row['kl_free_val']:.4f}; val top-1 {row['val_top1_free']:.4f} -> {row['val_top1']:.4f} "
               f"(test {row['top1']:.4f})", file=sys.stderr, flush=True)

@@ -103,6 +103,37 @@ def test_feature_loss() -> None:
     assert math.isclose(feature_loss(shifted, t, 1).item(), (expected / denominator).item(), rel_tol=1e-5)
 
 
+def test_last_block_feature_target_is_the_teachers_last_tokens_through_the_same_stages() -> None:
+    from vitcompress.convert import glad_modules
+    from vitcompress.finetune import _Guidance, output_guidance_loss
+
+    torch.manual_seed(0)
+    teacher = tiny_vit(num_classes=10).eval()
+    plan = Plan(static_layers=[], reductions=[Reduction(1, [3, 1]), Reduction(3, [2, 1])], num_blocks=4, grid=(4, 4))
+    student = convert(teacher, plan).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with _Guidance(student, teacher, quick_config(feat_at="last-block"), quiet) as guidance:
+        student(x), teacher(x)
+        loss = guidance.feat_loss()
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [m.blocks[-1].register_forward_hook(lambda mod, a, out, k=k: outs.__setitem__(k, out))
+             for k, m in (("student", student), ("teacher", teacher))]
+    student(x), teacher(x)
+    for h in hooks:
+        h.remove()
+    first, second = glad_modules(student)[1], glad_modules(student)[3]
+    target = second(first(outs["teacher"])).detach()  # [B, 1 + 4 + 1, C]: one target per aggregated token
+    assert target.shape == outs["student"].shape == (3, 1 + 5, 32)
+    expected = output_guidance_loss(outs["student"], target)
+    torch.testing.assert_close(loss, expected)
+    # The target is fixed: the stages' weights get the gradient of the student side only.
+    grads = [torch.autograd.grad(value, [first.weight, second.weight]) for value in (loss, expected)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(VitcompressError, match="--feat-at"):
+        quick_config(feat_at="output").validate()
+
+
 # ---- schedule, order, augmentation -----------------------------------------------------------
 def test_lr_schedule() -> None:
     lrs = [lr_at(s, 20, 4, 1.0, 0.01) for s in range(20)]

@@ -38,3 +38,16 @@ def test_quick_frontier_writes_rows_for_every_method_and_mode(tmp_path: Path) ->
     assert "| 2x | tome |" in table and "| 2x | dgssa-glad |" in table
     header = (tmp_path / "frontier.csv").read_text().splitlines()[0].split(",")
     assert header == frontier.COLUMNS
+
+
+def test_plans_finetuned_takes_recipe_changes_typed_as_the_config_fields() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import plans_finetuned
+
+    args = plans_finetuned.parse_args(["--plan", "x={}", "--out", "unused", "--lr", "5e-4", "--set", "ce_weight=0",
+                                       "--set", "warmup_steps=0", "--set", "feat_at=last-block", "--set", "amp=false"])
+    recipe = plans_finetuned.recipe_overrides(args)
+    assert recipe == {"lr": 5e-4, "ce_weight": 0.0, "warmup_steps": 0, "feat_at": "last-block", "amp": False}
+    assert [type(recipe[k]) for k in ("ce_weight", "warmup_steps")] == [float, int]
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        plans_finetuned.recipe_overrides(plans_finetuned.parse_args(["--plan", "x={}", "--out", "u", "--set", "lr"]))

@@ -10,9 +10,11 @@ The loss is a weighted sum of up to four terms (a weight of 0 switches a term of
   ``"map"``: the row-wise ``KL(teacher || static)`` of the maps, averaged over images, heads and
   rows; its optimum over a dataset is the mean attention the static layers start from, so it only
   anchors them there. ``"none"``: off;
-* ``feat``: at each GLAD output, the mean squared error between student and teacher on the prefix
-  tokens and on the mean patch token (so it does not depend on the token count), divided by the
-  teacher's mean square.
+* ``feat`` (``feat_at``): ``"glad"``, at each GLAD output, the mean squared error between student
+  and teacher on the prefix tokens and on the mean patch token (so it does not depend on the token
+  count), divided by the teacher's mean square; ``"last-block"``, every token out of the last block
+  against the teacher's last-block tokens passed through the same GLAD stages (a fixed target),
+  relative per image as the ``"output"`` guidance.
 
 Optimiser: AdamW (no weight decay on norms, biases, position/prefix tokens, static-attention logits
 and GLAD weights, which decay toward a degenerate uniform/zero solution), linear warm-up then cosine,
@@ -67,6 +69,7 @@ CHECKPOINT_KIND = "vitcompress-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 GUIDANCE_CHOICES = ("output", "map", "none")
 AUGMENT_CHOICES = ("auto", "flip-shift", "shift", "none")
+FEAT_AT_CHOICES = ("glad", "last-block")
 _LOSS_TERMS = ("ce", "kd", "attn", "feat")
 
 Progress = Callable[[int, int, str], None]  # (optimizer steps done, steps in all, text)
@@ -94,6 +97,10 @@ class FinetuneConfig:
     # (row-wise KL; its optimum is the mean map); "none" switches it off.
     guidance: str = "output"
     feat_weight: float = 0.0
+    # Where the feature term compares: "glad", at each GLAD output, the prefix tokens and the mean
+    # patch token; "last-block", every token out of the last block against the teacher's last-block
+    # tokens passed through the same GLAD stages (each aggregated token gets the target of its region).
+    feat_at: str = "glad"
     # Learning-rate multiplier of the parameters the conversion added (static attention logits, GLAD
     # aggregations): they start from an initialisation, not from training, and may need to move further.
     module_lr_scale: float = 1.0
@@ -137,6 +144,8 @@ class FinetuneConfig:
             raise VitcompressError("loss weights must be >= 0 and at least one must be positive")
         if self.guidance not in GUIDANCE_CHOICES:
             raise VitcompressError(f"--guidance must be one of {', '.join(GUIDANCE_CHOICES)}, got '{self.guidance}'")
+        if self.feat_at not in FEAT_AT_CHOICES:
+            raise VitcompressError(f"--feat-at must be one of {', '.join(FEAT_AT_CHOICES)}, got '{self.feat_at}'")
         if self.augment not in AUGMENT_CHOICES:
             raise VitcompressError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got '{self.augment}'")
 
@@ -280,6 +289,7 @@ class _Guidance:
             self.static = {}
         self.mode = cfg.guidance
         self.glads = glad_modules(student) if cfg.feat_weight > 0 else {}
+        self.feat_at = cfg.feat_at
         self.student_feats: dict[int, torch.Tensor] = {}
         self.teacher_feats: dict[int, torch.Tensor] = {}
         self.student_attn: dict[int, torch.Tensor] = {}
@@ -290,7 +300,11 @@ class _Guidance:
         self._recorder: Any = None
 
     def __enter__(self) -> "_Guidance":
-        for i, glad in self.glads.items():
+        if self.glads and self.feat_at == "last-block":
+            last = len(self._teacher.blocks) - 1
+            self._handles.append(self._student.blocks[last].register_forward_hook(self._keep(self.student_feats, last, output=True)))
+            self._handles.append(self._teacher.blocks[last].register_forward_hook(self._keep(self.teacher_feats, last, output=True)))
+        for i, glad in self.glads.items() if self.feat_at == "glad" else ():
             self._handles.append(glad.register_forward_hook(self._keep(self.student_feats, i, output=True)))
             self._handles.append(self._teacher.blocks[i].register_forward_pre_hook(self._keep(self.teacher_feats, i)))
         if self.static and self.mode == "output":
@@ -332,6 +346,13 @@ class _Guidance:
     def feat_loss(self) -> Optional[torch.Tensor]:
         if not self.glads:
             return None
+        if self.feat_at == "last-block":
+            (last, student_tokens), = self.student_feats.items()
+            with torch.no_grad():  # a target: the stages' weights learn from the student side only
+                target = self.teacher_feats[last]
+                for i in sorted(self.glads):
+                    target = self.glads[i](target)
+            return output_guidance_loss(student_tokens, target)
         losses = [feature_loss(self.student_feats[i], self.teacher_feats[i].detach(), self.prefix) for i in self.glads]
         return torch.stack(losses).mean()
 

@@ -38,7 +38,8 @@ KdOpt = Annotated[Optional[float], typer.Option("--kd-weight", min=0, help="Weig
 KdTOpt = Annotated[Optional[float], typer.Option("--kd-temperature", help="Distillation temperature (default 2).")]
 AttnOpt = Annotated[Optional[float], typer.Option("--attn-weight", min=0, help="Weight of the dynamic attention guidance (default 1).")]
 GuidanceOpt = Annotated[Optional[str], typer.Option("--guidance", help="Dynamic guidance of static layers: output (distil each static layer's per-image output, default), map (KL to the teacher's maps) or none.")]
-FeatOpt = Annotated[Optional[float], typer.Option("--feat-weight", min=0, help="Weight of the feature loss at GLAD outputs (default 0).")]
+FeatOpt = Annotated[Optional[float], typer.Option("--feat-weight", min=0, help="Weight of the feature loss of GLAD plans (default 0).")]
+FeatAtOpt = Annotated[Optional[str], typer.Option("--feat-at", help="Where the feature loss compares: glad (prefix and mean token at each GLAD output, default) or last-block (every token out of the last block against the teacher's, aggregated by the same stages).")]
 AugmentOpt = Annotated[Optional[str], typer.Option("--augment", help="auto, flip-shift, shift or none (default auto: shift on the demo digits).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and augmentation (default 0).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Checkpoint folder (default ./vitcompress-out/<model>/finetune).")]
@@ -85,6 +86,7 @@ def compress_command(
     attn_weight: AttnOpt = None,
     guidance: GuidanceOpt = None,
     feat_weight: FeatOpt = None,
+    feat_at: FeatAtOpt = None,
     augment: AugmentOpt = None,
     seed: SeedOpt = None,
     workdir: WorkdirOpt = None,
@@ -120,7 +122,7 @@ def compress_command(
     config = FinetuneConfig(**_overrides(
         epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, accum_steps=accum_steps, ce_weight=ce_weight,
         kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, guidance=guidance,
-        feat_weight=feat_weight, augment=augment, seed=seed, workdir=workdir, checkpoint_every=checkpoint_every, num_workers=workers,
+        feat_weight=feat_weight, feat_at=feat_at, augment=augment, seed=seed, workdir=workdir, checkpoint_every=checkpoint_every, num_workers=workers,
         device=device,
     ), resume=resume)
     from vitcompress.pipeline import PlanOptions
@@ -151,6 +153,7 @@ def finetune_command(
     kd_temperature: KdTOpt = None,
     attn_weight: AttnOpt = None,
     feat_weight: FeatOpt = None,
+    feat_at: FeatAtOpt = None,
     checkpoint_every: EveryOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: the run's own).")] = None,
     force: ForceOpt = False,
@@ -169,7 +172,7 @@ def finetune_command(
     _set_threads(threads)
     overrides = _overrides(
         epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, accum_steps=accum_steps, ce_weight=ce_weight,
-        kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, feat_weight=feat_weight,
+        kd_weight=kd_weight, kd_temperature=kd_temperature, attn_weight=attn_weight, feat_weight=feat_weight, feat_at=feat_at,
         checkpoint_every=checkpoint_every, num_workers=workers,
     )
     result = continue_finetune(workdir, overrides=overrides, output=output, force=force, measure_speed=not no_speed, log=note)
