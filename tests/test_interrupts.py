@@ -44,12 +44,20 @@ def fine_tune_args(inputs: Path, steps: int, workdir: str, output: str) -> list[
             "--workdir", workdir, "--output", output]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the child: Ctrl-C's default action. A shell that runs a job with ``&`` and no job control
+    (a CI script, ``nohup ... &``) makes it ignore SIGINT, its children inherit that, and Python then
+    installs no KeyboardInterrupt handler: the tests would see a run that never stops."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A `python -m vitcompress ...` in its own process group, its stderr read line by line."""
 
     def __init__(self, args: list[str], cwd: Path, home: Path) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "vitcompress", *args], cwd=cwd, env=environment(home),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                        preexec_fn=_sigint_as_in_a_terminal)
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
