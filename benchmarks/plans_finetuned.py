@@ -79,7 +79,9 @@ def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(defaults))}")
         default = defaults[name]
         kind = type(default) if default is not None else (int if text.lstrip("-").isdigit() else float)
-        recipe[name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        if kind is bool and text.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--set {item}: {name} is true or false")
+        recipe[name] = text.lower() in ("true", "1") if kind is bool else kind(text)
     return recipe
 
 

@@ -24,6 +24,7 @@ import glob, json, sys
 out, here = sys.argv[1], sys.argv[2]
 sys.path.insert(0, here)
 from frontier import DATA, TEACHER, load_setup
+from vitcompress._io import write_text_atomic
 from vitcompress.bench import evaluate_top1
 rows = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/rows-*.json"))]
 teacher, _, _, val, test = load_setup(f"local-dir:{TEACHER}", str(DATA), rows[0]["val_images"])
@@ -34,6 +35,6 @@ for r in sorted(rows, key=lambda r: -r["val_top1"]):
     change += "" if r["steps"] == 781 else f", {r['steps']} steps"
     lines.append(f"| {r['plan']} | {change} | {100 * r['val_top1_free']:.2f}% | {100 * r['val_top1']:.2f}% | "
                  f"{100 * r['top1']:.2f}% | {r['seconds'] / 60:.1f} |")
-open(f"{out}/recipe.md", "w").write("\n".join(lines) + "\n")
+write_text_atomic(f"{out}/recipe.md", "\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

@@ -51,3 +51,5 @@ def test_plans_finetuned_takes_recipe_changes_typed_as_the_config_fields() -> No
     assert [type(recipe[k]) for k in ("ce_weight", "warmup_steps")] == [float, int]
     with pytest.raises(SystemExit, match="FIELD one of"):
         plans_finetuned.recipe_overrides(plans_finetuned.parse_args(["--plan", "x={}", "--out", "u", "--set", "lr"]))
+    with pytest.raises(SystemExit, match="true or false"):
+        plans_finetuned.recipe_overrides(plans_finetuned.parse_args(["--plan", "x={}", "--out", "u", "--set", "amp=yes please"]))

@@ -47,7 +47,7 @@ def fine_tune_args(inputs: Path, steps: int, workdir: str, output: str) -> list[
 def _sigint_as_in_a_terminal() -> None:
     """In the child: Ctrl-C's default action. A shell that runs a job with ``&`` and no job control
     (a CI script, ``nohup ... &``) makes it ignore SIGINT, its children inherit that, and Python then
-    installs no KeyboardInterrupt handler: the tests would see a run that never stops."""
+    installs no KeyboardInterrupt handler: Ctrl-C would not stop the run (it ends with 0, not 130)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
