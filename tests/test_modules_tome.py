@@ -17,6 +17,7 @@ from vitcompress.modules.dgssa import DGSSA
 from vitcompress.modules.tome import (
     TokenSize,
     bipartite_soft_matching,
+    descending_rank,
     is_patched,
     max_merge,
     merge_wavg,
@@ -332,6 +333,16 @@ def test_most_similar_pairs_are_merged_first_and_several_can_share_a_destination
     out, size = merge_wavg(merge, torch.arange(6.0)[None, :, None], None)
     assert size.flatten().tolist() == [2.0, 1.0, 3.0]
     assert out.flatten().tolist() == [1.5, 3.0, (0 + 4 + 5) / 3]
+
+
+def test_descending_rank_is_the_rank_a_stable_sort_gives():
+    score = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.9, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])  # ties everywhere
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(6).expand(2, 6))
+    assert descending_rank(score).tolist() == expected.tolist() == [[2, 0, 3, 5, 1, 4], [0, 1, 2, 3, 4, 5]]
+    rough = torch.randint(0, 4, (3, 40)).float()  # many ties, more entries
+    order = torch.sort(rough, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(descending_rank(rough), torch.empty_like(order).scatter_(1, order, torch.arange(40).expand(3, 40)))
 
 
 def test_r_is_clipped_to_the_a_set():

@@ -48,8 +48,10 @@ Limits: blocks whose attention is not timm's standard ``Attention`` (e.g. static
 cannot merge (no keys) nor weigh keys by size (their attention is a fixed N x N matrix), so
 ``patch_tome`` refuses them with ``r > 0`` or after a merging block, and they raise at run time if
 they get sizes. Attention masks, causal attention and gradient checkpointing are refused (the
-per-forward size state would be wrong on recomputation). Matching is deterministic; on CUDA the
-sums into one B token use atomic adds unless ``torch.use_deterministic_algorithms`` is on.
+per-forward size state would be wrong on recomputation). Matching is deterministic (ties go to the
+earlier token: the ranks of a stable sort, counted from pairwise comparisons, which the ONNX exporter
+can export where it has no stable sort); on CUDA the sums into one B token use atomic adds unless
+``torch.use_deterministic_algorithms`` is on.
 """
 
 from __future__ import annotations
@@ -79,54 +81,59 @@ def max_merge(num_tokens: int, protected: int) -> int:
 
 
 class TokenMerge:
-    """The outcome of one matching; calling it merges a [B, N, C] tensor by *summing* tokens.
+    """The outcome of one matching: where each input token goes.
 
-    ``kept_a`` [B, Na - r] (ascending), ``merged_a`` [B, r]: positions in set A; ``dst_b`` [B, r]: the
-    position in set B each merged A token goes to. ``r == 0`` (all index tensors None) is the identity.
+    ``dest`` [B, N] (int64): the output position of every input token (prefix, then the unmerged A
+    tokens in their order, then B; a merged A token goes to its B match's position). ``rank``
+    [B, Na]: each A token's place by descending similarity (ties by position), so the ``r`` first
+    merge; ``best_b`` [B, Na]: each A token's most similar B token. Merging is then one scatter-add
+    into the output positions (``merge_wavg``): at batch 1 the per-op cost, not the arithmetic, is
+    what token merging pays for. ``r == 0`` (all tensors None) is the identity. Calling it sums
+    tokens: [B, N, C] -> [B, N - r, C].
     """
 
-    def __init__(self, protected: int, r: int, kept_a: Optional[Tensor] = None,
-                 merged_a: Optional[Tensor] = None, dst_b: Optional[Tensor] = None) -> None:
+    def __init__(self, protected: int, r: int, dest: Optional[Tensor] = None, rank: Optional[Tensor] = None,
+                 best_b: Optional[Tensor] = None) -> None:
         self.protected = protected
         self.r = r
-        self.kept_a = kept_a
-        self.merged_a = merged_a
-        self.dst_b = dst_b
+        self.dest = dest
+        self.rank = rank
+        self.best_b = best_b
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rest = x[:, self.protected:]
-        return x[:, : self.protected], rest[:, ::2], rest[:, 1::2]
+    @property
+    def merged_a(self) -> Optional[Tensor]:
+        """[B, r]: positions in set A of the tokens merged away, most similar first."""
+        return None if self.rank is None else self.rank.argsort(dim=1)[:, : self.r]  # ranks are distinct
 
-    def _kept(self, a: Tensor) -> Tensor:
-        return a.gather(1, _expand_index(self.kept_a, a.shape[-1]))
+    @property
+    def dst_b(self) -> Optional[Tensor]:
+        """[B, r]: the position in set B each merged A token goes to."""
+        return None if self.best_b is None else self.best_b.gather(1, self.merged_a)
+
+    def _index(self, channels: int) -> Tensor:
+        return self.dest.unsqueeze(-1).expand(-1, -1, channels)  # type: ignore[union-attr]
+
+    def _out_shape(self, x: Tensor) -> tuple[int, int, int]:
+        return x.shape[0], x.shape[1] - self.r, x.shape[-1]
 
     def __call__(self, x: Tensor) -> Tensor:
         """Sum each merged A token into its B match: [B, N, C] -> [B, N - r, C]."""
         if self.r == 0:
             return x
-        prefix, a, b = self._split(x)
-        moved = a.gather(1, _expand_index(self.merged_a, x.shape[-1]))
-        b = b.scatter_add(1, _expand_index(self.dst_b, x.shape[-1]), moved)
-        return torch.cat([prefix, self._kept(a), b], dim=1)
+        return x.new_zeros(self._out_shape(x)).scatter_add(1, self._index(x.shape[-1]), x)
+
+    def received(self, x: Tensor) -> Tensor:
+        """[B, N - r, 1] bool: True where another token was merged into this output token."""
+        hits = torch.zeros(self._out_shape(x)[:2], dtype=torch.int64, device=x.device)
+        return (hits.scatter_add(1, self.dest, torch.ones_like(self.dest)) > 1).unsqueeze(-1)  # type: ignore[arg-type]
 
     def drop(self, x: Tensor) -> Tensor:
         """The output layout without the sums: the merged A tokens are just dropped."""
         if self.r == 0:
             return x
-        prefix, a, b = self._split(x)
-        return torch.cat([prefix, self._kept(a), b], dim=1)
-
-    def received(self, x: Tensor) -> Tensor:
-        """[B, N - r, 1] bool: True where another token was merged into this output token."""
-        prefix, a, b = self._split(x[..., :1])
-        hits = torch.zeros(b.shape[:2], dtype=torch.bool, device=x.device)
-        hits = hits.scatter(1, self.dst_b, True)
-        head = torch.zeros(x.shape[0], prefix.shape[1] + a.shape[1] - self.r, dtype=torch.bool, device=x.device)
-        return torch.cat([head, hits], dim=1).unsqueeze(-1)
-
-
-def _expand_index(index: Tensor, channels: int) -> Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
+        stays = torch.ones_like(self.dest, dtype=torch.bool).scatter(  # type: ignore[arg-type]
+            1, self.merged_a * 2 + self.protected, False)  # type: ignore[operator]
+        return x[stays].reshape(self._out_shape(x))
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1) -> TokenMerge:
@@ -139,19 +146,49 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1) -> Token
 
     Returns: a ``TokenMerge``; ``merge_wavg(merge, x, size)`` applies it to tokens with sizes.
     """
-    r = min(int(r), max_merge(metric.shape[1], protected))
+    B, N = metric.shape[:2]
+    r = min(int(r), max_merge(N, protected))
     if r <= 0:
         return TokenMerge(protected, 0)
     with torch.no_grad():  # a discrete choice: no gradient flows through it
         # float32 at least: bf16 similarities tie often, which would make the choice arbitrary.
         unit = F.normalize(metric[:, protected:].to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
-        a, b = unit[:, ::2], unit[:, 1::2]
-        best_score, best_b = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, Na]
-        order = torch.sort(best_score, dim=-1, descending=True, stable=True).indices  # stable: ties by position
-        merged_a = order[:, :r]
-        kept_a = torch.sort(order[:, r:], dim=-1).values  # keep the spatial order of what stays
-        dst_b = best_b.gather(1, merged_a)
-    return TokenMerge(protected, r, kept_a, merged_a, dst_b)
+        best_score, best_b = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).max(dim=-1)  # [B, Na]
+        rank = descending_rank(best_score)
+        # Unmerged A tokens keep their order (their rank among those kept); merged ones go to their match.
+        kept = rank >= r
+        first_b = protected + rank.shape[1] - r
+        a_dest = torch.where(kept, kept.to(torch.int64).cumsum(1) + (protected - 1), best_b + first_b)
+        dest = _layout(N, protected, r, metric.device).expand(B, N).clone()
+        dest[:, protected::2] = a_dest
+    return TokenMerge(protected, r, dest, rank, best_b)
+
+
+def descending_rank(score: Tensor) -> Tensor:
+    """[B, K] -> [B, K] int64: each entry's place when ``score`` is sorted in descending order, ties
+    broken by position (the ranks a stable sort gives). Counted from pairwise comparisons rather than
+    sorted: K is small (half the tokens), and the ONNX exporter has no stable sort."""
+    k = score.shape[-1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j comes before i
+    mine, theirs = score.unsqueeze(-1), score.unsqueeze(-2)
+    return ((theirs > mine) | ((theirs == mine) & earlier)).sum(dim=-1)
+
+
+_LAYOUTS: dict[tuple[int, int, int, torch.device], Tensor] = {}
+
+
+def _layout(num_tokens: int, protected: int, r: int, device: torch.device) -> Tensor:
+    """[1, N]: the output positions of the prefix and the B tokens (the same for every image);
+    the A entries are filled per image. Kept per shape: building it is several small ops per call."""
+    key = (num_tokens, protected, r, device)
+    if key not in _LAYOUTS:
+        b_count = (num_tokens - protected) // 2
+        first_b = num_tokens - r - b_count
+        layout = torch.zeros(num_tokens, dtype=torch.int64)
+        layout[:protected] = torch.arange(protected)
+        layout[protected + 1::2] = torch.arange(first_b, first_b + b_count)
+        _LAYOUTS[key] = layout.to(device)[None]
+    return _LAYOUTS[key]
 
 
 def merge_wavg(merge: TokenMerge, x: Tensor, size: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -160,35 +197,30 @@ def merge_wavg(merge: TokenMerge, x: Tensor, size: Optional[Tensor] = None) -> t
     ``size`` [B, N, 1] counts the original patches behind each token (None: all 1). The new size is
     the sum of the merged sizes. Sizes and means are computed in float32 at least (sizes are integers
     that bf16 cannot hold beyond 256); the means are returned in x's dtype. With ``merge.r == 0`` both inputs are
-    returned as they are.
+    returned as they are. Tokens nothing was merged into keep their exact values: each token is
+    weighted by its share ``s / S`` of its output token's size, which is exactly 1 when it is alone.
     """
     if merge.r == 0:
         return x, size
     work = torch.promote_types(x.dtype, torch.float32 if size is None else size.dtype)
     work = torch.promote_types(work, torch.float32)
-    P, C = merge.protected, x.shape[-1]
-    size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=work) if size is None else size.to(work)
-    # Weighted sums and sizes are merged in one gather + scatter (one extra channel): at batch 1
-    # the per-op cost, not the arithmetic, is what token merging pays for.
-    both = torch.cat([x.to(work) * size, size], dim=-1)[:, P:]
-    a, b = both[:, ::2], both[:, 1::2]
-    b = b.scatter_add(1, _expand_index(merge.dst_b, C + 1), a.gather(1, _expand_index(merge.merged_a, C + 1)))
-    b_size = b[..., C:]
-    # B tokens nothing was merged into (their size did not grow) keep their exact values
-    # (x * s / s may round differently); A tokens that stay are copied as they are.
-    b_x = torch.where(b_size > size[:, P + 1::2], (b[..., :C] / b_size).to(x.dtype), x[:, P + 1::2])
-    kept = merge.kept_a.unsqueeze(-1)  # type: ignore[union-attr]
-    a_x = x[:, P::2].gather(1, kept.expand(-1, -1, C))
-    a_size = size[:, P::2].gather(1, kept)
-    return torch.cat([x[:, :P], a_x, b_x], dim=1), torch.cat([size[:, :P], a_size, b_size], dim=1)
+    B, N, C = x.shape
+    size = x.new_ones(B, N, 1, dtype=work) if size is None else size.to(work)
+    into = merge.dest.unsqueeze(-1)  # type: ignore[union-attr]
+    new_size = size.new_zeros(B, N - merge.r, 1).scatter_add(1, into, size)
+    share = size / new_size.gather(1, into)
+    out = share.new_zeros(B, N - merge.r, C).scatter_add(1, into.expand(-1, -1, C), x.to(work) * share)
+    return out.to(x.dtype), new_size
 
 
-def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None, *,
+                           bias: Optional[Tensor] = None, metric: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """timm ``Attention`` forward with ``log(size)`` added to every key's logits.
 
     Uses the module's own ``qkv``/``q_norm``/``k_norm``/``norm``/``gate``/``proj`` and dropouts, and
     follows its ``fused_attn`` choice. Returns (output [B, N, C], metric = keys averaged over heads
-    [B, N, head_dim]). ``size=None`` computes exactly timm's attention.
+    [B, N, head_dim], or None with ``metric=False``). ``size=None`` computes exactly timm's attention.
+    ``bias``: ``size_bias(size)`` computed once for the blocks that share the sizes (instead of ``size``).
     """
     B, N, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -196,7 +228,10 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     gate = gate(x).sigmoid() if gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log().to(q.dtype).reshape(B, 1, 1, N)  # one logit offset per key
+    if bias is None and size is not None:
+        bias = size_bias(size)
+    if bias is not None:
+        bias = bias.to(q.dtype)
     if attn.fused_attn:
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
@@ -208,7 +243,12 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1) if metric else None
+
+
+def size_bias(size: Tensor) -> Tensor:
+    """[B, 1, 1, N]: one logit offset per key, ``log(size)``, as an additive attention mask."""
+    return size.log().reshape(size.shape[0], 1, 1, size.shape[1])
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -291,11 +331,26 @@ def _check_counts(num_tokens: int, num_prefix_tokens: int) -> None:
 
 
 class TokenSize:
-    """Current token sizes of one model's forward ([B, N, 1] or None = all 1), shared by its blocks."""
+    """Current token sizes of one model's forward ([B, N, 1] or None = all 1), shared by its blocks,
+    and their attention bias, computed once for all the blocks that run on the same sizes."""
 
     def __init__(self, num_prefix_tokens: int) -> None:
         self.num_prefix_tokens = num_prefix_tokens
-        self.size: Optional[Tensor] = None
+        self.size = None
+
+    @property
+    def size(self) -> Optional[Tensor]:
+        return self._size
+
+    @size.setter
+    def size(self, size: Optional[Tensor]) -> None:
+        self._size, self._bias = size, None
+
+    def bias(self) -> Optional[Tensor]:
+        """``size_bias`` of the current sizes (None while there are none)."""
+        if self._bias is None and self._size is not None:
+            self._bias = size_bias(self._size)
+        return self._bias
 
     def reset(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: a new forward starts with one patch per token."""
@@ -368,7 +423,7 @@ class _ToMeBlock:
                 f"a stage that changes the tokens must hand over their sizes with set_token_size"
             )
         if is_standard_attention(self.attn):
-            x_attn, metric = proportional_attention(self.attn, self.norm1(x), size)
+            x_attn, metric = proportional_attention(self.attn, self.norm1(x), bias=state.bias(), metric=self.tome_r > 0)
         elif size is None and self.tome_r == 0:
             x_attn, metric = self.attn(self.norm1(x)), None
         else:
