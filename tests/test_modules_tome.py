@@ -259,8 +259,10 @@ def test_every_k_schedules_merge_only_in_every_kth_block():
     assert merge_schedule(12, 60, 197, 1, "every-2") == [10, 0] * 6
     assert merge_schedule(12, 61, 197, 1, "every-3") == [16, 0, 0, 15, 0, 0, 15, 0, 0, 15, 0, 0]
     assert merge_schedule(4, 100, 65, 1, "every-2") == [32, 0, 16, 0]  # clipped to what can merge
-    for kind in ("every-2", "every-3"):
-        step = int(kind[-1])
+    assert merge_schedule(12, 30, 65, 1, "every-4") == [10, 0, 0, 0, 10, 0, 0, 0, 10, 0, 0, 0]
+    assert merge_schedule(12, 30, 65, 1, "every-6") == [15, 0, 0, 0, 0, 0, 15, 0, 0, 0, 0, 0]
+    for kind in ("every-2", "every-3", "every-4", "every-6"):
+        step = int(kind[len("every-"):])
         for total in range(0, 80):
             schedule = merge_schedule(12, total, 197, 1, kind)
             assert sum(schedule) == total and all(r == 0 for i, r in enumerate(schedule) if i % step)

@@ -495,13 +495,15 @@ def test_token_merging_schedules_are_measured_only_where_they_could_win(model, i
     plan = _plan(model, "2x", method="tome", calibration=images, measure_speed=False)
     assert len(calls) <= 2 * len(PLAN.TOME_SCHEDULES)  # not one per schedule (there are dozens)
     # The least merging schedule of each kind (any total, not only r per block) that meets 2x in
-    # FLOPs, and the plan is the better of the two.
+    # FLOPs (kinds that merge in too few of this small model's blocks cannot), and the plan is the best of them.
     geom = model_geometry(model)
     least = []
     for kind in PLAN.TOME_SCHEDULES:
         schedules = (merge_schedule(geom.depth, t, geom.num_tokens, geom.num_prefix_tokens, kind) for t in range(1, 400))
         plans = (PLAN._plan(geom, "tome", merges=m) for m in schedules)
-        least.append(next(p for p in plans if flop_speedup(geom, p) >= 2.0))
+        least.append(next((p for p in plans if flop_speedup(geom, p) >= 2.0), None))
+    least = [p for p in least if p is not None]
+    assert len(least) >= 4
     meter = DamageMeter(model, images)
     best = min(least, key=lambda p: meter.whole(p).kl)
     assert plan.merges() == best.merges() and plan.measured["damage"]["kl"] == pytest.approx(meter.whole(best).kl)

@@ -66,9 +66,9 @@ from torch import Tensor, nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 
-# "every-2"/"every-3": merge only in every second/third block (from block 0), as evenly as
-# integers allow: fewer blocks pay the matching's fixed per-call cost (what dominates at batch 1).
-SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3")
+# "every-k": merge only in every k-th block (from block 0), as evenly as integers allow: fewer
+# blocks pay the matching's fixed per-call cost (what dominates at batch 1).
+SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3", "every-4", "every-6")
 
 
 # ----------------------------------------------------------------------------- pure tensor code
@@ -268,7 +268,7 @@ def merge_schedule(depth: int, total: int, num_tokens: int, num_prefix_tokens: i
     """Tokens to merge per block, ``total`` in all before clipping: as even as integers allow
     ("constant": ``total // depth`` per block, one more in the first ``total % depth`` blocks), a
     linear ramp down to 0 ("decreasing"), or as even as possible over every second or third block
-    only ("every-2", "every-3": blocks 0, 2, 4, ... or 0, 3, 6, ...). ``r_schedule`` is the case ``total = depth * r``; any
+    only ("every-2", "every-3", ...: blocks 0, 2, 4, ... or 0, 3, 6, ...). ``r_schedule`` is the case ``total = depth * r``; any
     total gives the planner a schedule for every token count, not only multiples of the depth.
     Each block's count is clipped as in ``r_schedule``.
     """
