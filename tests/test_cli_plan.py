@@ -164,14 +164,16 @@ def test_analysis_in_the_out_folder_is_used(model_dir: Path, tmp_path: Path) -> 
     assert printed["static_layers"] and 0 not in printed["static_layers"]  # the dynamic block 0 stays dynamic
 
 
-def _merging_is_slow_at_batch_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every candidate measures 3x at the deployment's batch; at batch 1 token merging 0.5x, the rest 1.5x."""
+def _merging_is_slow_at_batch_1(monkeypatch: pytest.MonkeyPatch, merged: float = 0.5, spread: float = 0.0) -> None:
+    """Every candidate measures 3x at the deployment's batch; at batch 1 token merging ``merged``
+    (quartiles ``merged -+ spread``), the rest 1.5x."""
     from vitcompress.modules.tome import is_patched
     from vitcompress.timing import SpeedComparison
 
     def fake(baseline, model, input_size, *, batch_size=32, threads=None, device=None, seconds=3.0, **kwargs):
-        s = (0.5 if is_patched(model) else 1.5) if batch_size == 1 else 3.0
-        return SpeedComparison(speedup=s, speedup_q25=s, speedup_q75=s, baseline_ms=10.0, model_ms=10.0 / s,
+        s = (merged if is_patched(model) else 1.5) if batch_size == 1 else 3.0
+        d = spread if batch_size == 1 and is_patched(model) else 0.0
+        return SpeedComparison(speedup=s, speedup_q25=s - d, speedup_q75=s + d, baseline_ms=10.0, model_ms=10.0 / s,
                                batch_size=batch_size, rounds=10, threads=1, device="cpu")
 
     monkeypatch.setattr(PLAN, "compare_speed", fake)
@@ -192,3 +194,15 @@ def test_a_plan_slower_at_batch_1_is_set_aside_unless_allowed(tmp_path: Path, mo
     out = result.stdout.replace("\n", " ")
     assert f"set aside: {first.describe()} (3.00x at batch 4, 0.50x at batch 1" in out
     assert "at batch 1: 1.50x measured" in out
+    assert "a rerun may keep it" not in out  # 0.50x: clearly slower
+
+
+def test_a_plan_set_aside_within_its_batch_1_spread_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _merging_is_slow_at_batch_1(monkeypatch, merged=0.97, spread=0.05)
+    result = _demo(tmp_path, "--budget", "2x", *CALIB, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    aside = load_plan(tmp_path).measured["slower_at_batch1"][0]
+    assert aside["near_floor"] and aside["batch1_speedup_q75"] == pytest.approx(1.02)
+    out = result.stdout.replace("\n", " ")
+    assert "0.97x at batch 1: slower than the original on single images; upper quartile 1.02x" in out
+    assert "a rerun may keep it" in out

@@ -754,6 +754,7 @@ def test_a_plan_slower_than_the_original_at_batch_1_is_set_aside_for_the_best_th
     aside = plan.measured["slower_at_batch1"]
     assert aside[0]["plan"] == free.describe()  # every merging schedule kind tried, each slower at batch 1
     assert all(a["batch1_speedup"] < 1.0 and a["plan"].startswith("token merging") for a in aside)
+    assert not any(a["near_floor"] for a in aside)  # 0.3x: clearly slower, not within the timing's spread
     assert any("searching the other kinds of plan" in n for n in notes)
     assert Deployment().batch1_floor == 1.0
     # The probe's shortlist keeps out what is slower at batch 1 too; when merging is fast there, it is listed.
@@ -765,6 +766,20 @@ def test_a_plan_slower_than_the_original_at_batch_1_is_set_aside_for_the_best_th
                       deployment=dataclasses.replace(DEPLOY, batch1_floor=None))
     assert floored.describe() == unfloored.describe() == free.describe()
     assert floored.measured["shortlist"] == [] and unfloored.measured["shortlist"]
+
+
+def test_a_plan_set_aside_within_its_batch_1_spread_says_a_rerun_may_keep_it() -> None:
+    def speed(q25: float, median: float, q75: float, batch: int) -> SpeedComparison:
+        return SpeedComparison(speedup=median, speedup_q25=q25, speedup_q75=q75, baseline_ms=10.0, model_ms=10.0 / median,
+                               batch_size=batch, rounds=200, threads=1, device="cpu")
+
+    c = Candidate(Plan(num_blocks=4, grid=(8, 8), merge_r=[6, 0, 0, 4]), "tome", 2.4, (("tome", "every-3"),))
+    c.speed = speed(2.05, 2.14, 2.20, 32)
+    c.batch1 = speed(0.91, 0.96, 1.02, 1)  # the CIFAR-10 teacher's every-3 schedule, set aside on one run
+    near = PLAN._set_aside(c, 1.0)
+    assert near["near_floor"] and near["batch1_speedup"] == 0.96 and near["batch1_speedup_q75"] == 1.02
+    c.batch1 = speed(0.74, 0.80, 0.85, 1)
+    assert not PLAN._set_aside(c, 1.0)["near_floor"]
 
 
 def test_a_timing_that_spreads_widely_says_the_machine_was_busy() -> None:

@@ -217,8 +217,10 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
         if noisy:
             _say(f"[yellow]warning:[/] {noisy}")
         for other in m.get("slower_at_batch1", []):
+            near = (f"; upper quartile {other['batch1_speedup_q75']:.2f}x, within the timing's spread: a rerun may keep it"
+                    if other.get("near_floor") else "")
             _say(f"set aside: {other['plan']} ({other['speedup']:.2f}x at batch {d['batch_size']}, "
-                 f"{other['batch1_speedup']:.2f}x at batch 1: slower than the original on single images)")
+                 f"{other['batch1_speedup']:.2f}x at batch 1: slower than the original on single images{near})")
         single = m.get("batch1")
         if single and d["batch_size"] != 1:
             slower = " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
