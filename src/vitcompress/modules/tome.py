@@ -213,14 +213,12 @@ def merge_wavg(merge: TokenMerge, x: Tensor, size: Optional[Tensor] = None) -> t
     return out.to(x.dtype), new_size
 
 
-def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None, *,
-                           bias: Optional[Tensor] = None, metric: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """timm ``Attention`` forward with ``log(size)`` added to every key's logits.
 
     Uses the module's own ``qkv``/``q_norm``/``k_norm``/``norm``/``gate``/``proj`` and dropouts, and
     follows its ``fused_attn`` choice. Returns (output [B, N, C], metric = keys averaged over heads
-    [B, N, head_dim], or None with ``metric=False``). ``size=None`` computes exactly timm's attention.
-    ``bias``: ``size_bias(size)`` computed once for the blocks that share the sizes (instead of ``size``).
+    [B, N, head_dim]). ``size=None`` computes exactly timm's attention.
     """
     B, N, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -228,10 +226,7 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     gate = gate(x).sigmoid() if gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if bias is None and size is not None:
-        bias = size_bias(size)
-    if bias is not None:
-        bias = bias.to(q.dtype)
+    bias = None if size is None else size.log().to(q.dtype).reshape(B, 1, 1, N)  # one logit offset per key
     if attn.fused_attn:
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
@@ -243,12 +238,7 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1) if metric else None
-
-
-def size_bias(size: Tensor) -> Tensor:
-    """[B, 1, 1, N]: one logit offset per key, ``log(size)``, as an additive attention mask."""
-    return size.log().reshape(size.shape[0], 1, 1, size.shape[1])
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -331,26 +321,11 @@ def _check_counts(num_tokens: int, num_prefix_tokens: int) -> None:
 
 
 class TokenSize:
-    """Current token sizes of one model's forward ([B, N, 1] or None = all 1), shared by its blocks,
-    and their attention bias, computed once for all the blocks that run on the same sizes."""
+    """Current token sizes of one model's forward ([B, N, 1] or None = all 1), shared by its blocks."""
 
     def __init__(self, num_prefix_tokens: int) -> None:
         self.num_prefix_tokens = num_prefix_tokens
-        self.size = None
-
-    @property
-    def size(self) -> Optional[Tensor]:
-        return self._size
-
-    @size.setter
-    def size(self, size: Optional[Tensor]) -> None:
-        self._size, self._bias = size, None
-
-    def bias(self) -> Optional[Tensor]:
-        """``size_bias`` of the current sizes (None while there are none)."""
-        if self._bias is None and self._size is not None:
-            self._bias = size_bias(self._size)
-        return self._bias
+        self.size: Optional[Tensor] = None
 
     def reset(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: a new forward starts with one patch per token."""
@@ -423,7 +398,7 @@ class _ToMeBlock:
                 f"a stage that changes the tokens must hand over their sizes with set_token_size"
             )
         if is_standard_attention(self.attn):
-            x_attn, metric = proportional_attention(self.attn, self.norm1(x), bias=state.bias(), metric=self.tome_r > 0)
+            x_attn, metric = proportional_attention(self.attn, self.norm1(x), size)
         elif size is None and self.tome_r == 0:
             x_attn, metric = self.attn(self.norm1(x)), None
         else:
