@@ -198,7 +198,7 @@ class PlanOptions:
     batch_size: int = 32
     threads: Optional[int] = None
     device: Optional[str] = None  # default: where the model is fine-tuned
-    batch1_floor: Optional[float] = 1.0  # the chosen plan's least speed-up at batch 1 (None: not checked)
+    batch1_floor: Optional[float] = 1.0  # the least batch-1 speed-up the chosen plan's upper quartile must reach (None: not checked)
     # Steps of the probe fine-tune of each family's best plan (0: choose on training-free damage).
     probe_steps: int = 0
 

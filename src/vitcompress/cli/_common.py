@@ -257,8 +257,9 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images p
 SlowerAtBatch1Opt = Annotated[
     bool,
     typer.Option("--allow-slower-at-batch-1",
-                 help="Keep a plan that is slower than the original at batch 1 (by default such a plan, e.g. token "
-                      "merging's per-block overhead, is set aside for the best one that is not)."),
+                 help="Keep a plan that is slower than the original at batch 1 (by default a plan measurably slower "
+                      "there, its timing's upper quartile below 1.0x, e.g. from token merging's per-block "
+                      "overhead, is set aside for the best one that is not)."),
 ]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: up to 4).")]
 

@@ -217,18 +217,26 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
         if noisy:
             _say(f"[yellow]warning:[/] {noisy}")
         for other in m.get("slower_at_batch1", []):
-            near = (f"; upper quartile {other['batch1_speedup_q75']:.2f}x, within the timing's spread: a rerun may keep it"
-                    if other.get("near_floor") else "")
             _say(f"set aside: {other['plan']} ({other['speedup']:.2f}x at batch {d['batch_size']}, "
-                 f"{other['batch1_speedup']:.2f}x at batch 1: slower than the original on single images{near})")
+                 f"{other['batch1_speedup']:.2f}x at batch 1, upper quartile {other['batch1_speedup_q75']:.2f}x: "
+                 f"slower than the original on single images)")
         single = m.get("batch1")
         if single and d["batch_size"] != 1:
-            slower = " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
-            _say(f"at batch 1: {single['speedup']:.2f}x measured" + (slower if single["speedup"] < 1.0 else ""))
+            _say(f"at batch 1: {single['speedup']:.2f}x measured (quartiles {single['speedup_q25']:.2f}-"
+                 f"{single['speedup_q75']:.2f})" + _batch1_verdict(m, single))
     else:
         _say(f"speed-up: {p['speedup']:.2f}x predicted from FLOPs (not timed); budget {plan.budget} "
              f"({p['target_speedup']:.2f}x): {status}")
     out.print(f"[dim]{p['candidates']} candidates; {p['selection']}[/]", highlight=False, soft_wrap=True)
+
+
+def _batch1_verdict(measured: dict, single: dict) -> str:
+    if measured.get("batch1_within_spread"):
+        return (": within the timing's spread of the original, so not measurably slower and kept "
+                "[yellow](a rerun may measure it either side of 1.00x)[/]")
+    if single["speedup"] < 1.0:
+        return " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
+    return ""
 
 
 def _say(text: str) -> None:
