@@ -495,11 +495,10 @@ def _batch1_floor(chosen: Candidate, candidates: list[Candidate], damages: _Dama
     """The chosen plan timed at batch 1 too (unless that is the deployment). While it measures
     below the deployment's ``batch1_floor`` there (its upper quartile too: measurably slower), its
     speed class (family, and token merging's schedule kind, which fixes how many blocks pay the
-    per-call matching cost) is set aside and the
-    search runs again on the rest; a plan it finds is timed at batch 1 before its longer timing and
-    polish, so each class set aside costs a search and one batch-1 timing. Returns the plan kept and
-    those set aside; when no other plan meets the budget and the floor, the first choice stays and
-    the note says so."""
+    per-call matching cost) is set aside and the search runs again on the rest; a plan it finds is
+    timed at batch 1 before its longer timing and polish, so each class set aside costs a search
+    and one batch-1 timing. Returns the plan kept and those set aside; when no other plan meets the
+    budget and the floor, the first choice stays and the note says so."""
     d = speeds.deployment
     assert d is not None
     if d.batch_size == 1:
