@@ -452,7 +452,8 @@ def make_plan(
     slower: list[Candidate] = []
     if timing is not None and not chosen.plan.is_empty():
         chosen, slower = _batch1_floor(chosen, candidates, damages, speeds, target.speedup, meter is not None, say)
-    plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter)
+    aside = frozenset(c.speed_class for c in slower)
+    plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter, aside)
     noisy = noisy_timing_message(plan)
     if noisy:
         say(f"warning: {noisy}")
@@ -462,7 +463,6 @@ def make_plan(
         plan.measured["batch1_within_spread"] = within_floor_spread(chosen.batch1 or chosen.speed, timing.batch1_floor)  # type: ignore[arg-type]
     if shortlist:
         # The probe chooses among these: what the batch-1 floor set aside (or would) stays out.
-        aside = {c.speed_class for c in slower}
         pool = [c for c in candidates if c.speed_class not in aside]
         others = _family_bests(chosen, pool, damages, speeds, target.speedup, measure_speed, meter is not None, say)
         if timing is not None and timing.batch1_floor is not None:
@@ -737,7 +737,10 @@ def _candidate_meets(c: Candidate, speedup: float, target: float) -> bool:
 def _record(
     geom: ModelGeometry, c: Candidate, candidates: Sequence[Candidate], damages: _Damages, speeds: _Speeds,
     target: Budget, deployment: Optional[Deployment], selection: str, meter: Optional[DamageMeter],
+    aside: frozenset = frozenset(),
 ) -> Plan:
+    """``c`` as a ``Plan`` with what was predicted and measured; ``aside``: the speed classes the
+    batch-1 floor set aside (``_near_ties``)."""
     plan = c.plan
     plan.budget = target.text
     if meter is not None and c.damage is None:  # out of whole measurements: measure the one kept
@@ -768,7 +771,7 @@ def _record(
         "timed": [{"plan": t.plan.describe(), "family": t.family, "flop_speedup": t.flop_speedup,
                    "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
     }
-    ties = _near_ties(c, speeds, target.speedup)
+    ties = _near_ties(c, speeds, target.speedup, aside)
     plan.measured["near_ties"] = [{"plan": t.plan.describe(), "speedup": t.speed.speedup, "speedup_q75": t.speed.speedup_q75,  # type: ignore[union-attr]
                                    "kl": t.damage.kl} for t in ties]  # type: ignore[union-attr]
     plan.measured["near_tie"] = bool(ties) or bool(c.speed is not None and c.speed.speedup_q25 < target.speedup)
@@ -798,12 +801,15 @@ def noisy_timing_message(plan: Plan) -> Optional[str]:
             f"was busy, so the search may have chosen on noise; plan again when nothing else runs")
 
 
-def _near_ties(c: Candidate, speeds: _Speeds, target: float) -> list[Candidate]:
+def _near_ties(c: Candidate, speeds: _Speeds, target: float, aside: frozenset = frozenset()) -> list[Candidate]:
     """Timed plans less damaging than ``c`` that fell short of the budget by less than their own
-    timing's spread: a timing, not the damage, decided against them (another run may not)."""
+    timing's spread: a timing, not the damage, decided against them (another run may not). Plans of
+    a speed class in ``aside`` (set aside as measurably slower at batch 1) are none: a rerun that
+    timed them faster would set them aside too."""
     if c.damage is None:
         return []
     return [t for t in speeds.timed if t is not c and t.damage is not None and t.damage.kl < c.damage.kl
+            and t.speed_class not in aside
             and not _candidate_meets(t, t.speed.speedup, target) and t.speed.speedup_q75 >= target]  # type: ignore[union-attr]
 
 
