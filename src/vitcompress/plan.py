@@ -43,6 +43,7 @@ from vitcompress.plan_types import (  # re-exported: the plan types live in plan
     DEFAULT_METHOD,
     METHODS,
     PLAN_VERSION,
+    SCHEDULE_KINDS,
     Budget,
     Plan,
     Reduction,
@@ -184,8 +185,8 @@ FAMILIES = {
 # third block measured 2.16x at batch 32 and 1.04x at batch 1 against 1.99x and 0.81x for the
 # decreasing schedule (fewer blocks pay the matching's per-call cost), at similar damage. Every
 # fourth/sixth block: at 2.4x in FLOPs (2026-12-03, AMD VM) 1.03x and 1.10x at batch 1 (every third
-# 1.04x): more token-merging plans that a batch-1 floor keeps.
-TOME_SCHEDULES = ("constant", "decreasing", "every-2", "every-3", "every-4", "every-6")
+# 1.04x): more token-merging plans that a batch-1 floor keeps. The planner searches every kind.
+TOME_SCHEDULES = SCHEDULE_KINDS
 
 Part = tuple  # ("static", block) | ("glad", before_block, scales) | ("tome", schedule kind): the whole plan
 

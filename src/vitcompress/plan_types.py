@@ -20,6 +20,12 @@ from vitcompress._io import read_json, write_json_atomic
 from vitcompress.errors import VitcompressError
 from vitcompress.names import PLAN_JSON
 
+# Token-merging schedule kinds (``modules.tome.merge_schedule``); "every-k": merge only in every k-th
+# block (from block 0), as evenly as integers allow: fewer blocks pay the matching's fixed per-call
+# cost (what dominates at batch 1). Here, in the leaf, so that the planner, which imports the module
+# (and timm) only lazily, and the module share one tuple.
+SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3", "every-4", "every-6")
+
 # 2: ``method``, ``merge_r`` (token merging) and ``measured`` added; version-1 plans read as before.
 PLAN_VERSION = 2
 METHODS = ("dgssa-glad", "dgssa", "glad", "tome", "auto")
@@ -246,6 +252,6 @@ def parse_budget(budget: Union[str, float, int, Budget]) -> float:
 
 
 __all__ = [
-    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction",
+    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction", "SCHEDULE_KINDS",
     "load_plan", "parse_budget", "save_plan",
 ]  # fmt: skip

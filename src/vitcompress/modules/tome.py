@@ -65,10 +65,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
-
-# "every-k": merge only in every k-th block (from block 0), as evenly as integers allow: fewer
-# blocks pay the matching's fixed per-call cost (what dominates at batch 1).
-SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3", "every-4", "every-6")
+from vitcompress.plan_types import SCHEDULE_KINDS
 
 
 # ----------------------------------------------------------------------------- pure tensor code
