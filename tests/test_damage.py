@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_vit
+from vitcompress.convert import convert
 from vitcompress.damage import Damage, DamageMeter
 from vitcompress.errors import VitcompressError
 from vitcompress.plan import tome_plan
@@ -90,7 +91,7 @@ def test_from_block_uses_the_first_part_images(model64: torch.nn.Module) -> None
 def test_damage_is_a_kl_and_an_agreement(meter64: DamageMeter) -> None:
     d = meter64.whole(_plan(static_layers=[0, 1, 2, 3]))
     assert d.kl > 0 and 0.0 <= d.agreement <= 1.0
-    assert d.to_dict() == {"kl": d.kl, "agreement": d.agreement, "images": 10}
+    assert d.to_dict() == {"kl": d.kl, "kl_se": d.kl_se, "agreement": d.agreement, "images": 10}
 
 
 # ---- a trained model ---------------------------------------------------------------------
@@ -139,3 +140,40 @@ def test_merging_more_tokens_does_more_damage_on_a_trained_model(demo_meter: Dam
 def test_bad_images_are_refused_saying_why(images: torch.Tensor, message: str) -> None:
     with pytest.raises(VitcompressError, match=message):
         DamageMeter(tiny_vit(**GEOMETRY), images)
+
+
+def test_whole_on_the_first_images_is_the_meter_of_those_images_and_extends_without_remeasuring(model64) -> None:
+    images = _images(10, dtype=torch.float64)
+    plan = _plan(merge_r=[4, 3, 2, 1])
+    meter = DamageMeter(model64, images, batch_size=4)
+    first = meter.whole(plan, 6)
+    _assert_same(first, DamageMeter(model64, images[:6], batch_size=4).whole(plan))
+    assert first.images == 6 and meter.whole(plan, 99).images == 10  # capped at what the meter holds
+    # (the images 6-9 measured as one more batch: the same figures to rounding)
+    _assert_same(meter.whole(plan), DamageMeter(model64, images, batch_size=4).whole(plan))
+
+
+def _assert_same(a: Damage, b: Damage) -> None:
+    assert (a.images, a.agreement) == (b.images, b.agreement)
+    assert a.kl == pytest.approx(b.kl, rel=1e-9) and a.kl_se == pytest.approx(b.kl_se, rel=1e-9)
+
+
+def test_the_standard_error_is_that_of_the_per_image_kl(model64, meter64) -> None:
+    plan = _plan(reductions=[Reduction(1, [2, 1])])
+    student = convert(model64, plan).eval()
+    with torch.inference_mode():
+        ref = model64(meter64.images).log_softmax(-1)
+        kl = (ref.exp() * (ref - student(meter64.images).log_softmax(-1))).sum(-1)
+    damage = meter64.whole(plan)
+    assert damage.kl == pytest.approx(float(kl.mean()), rel=1e-9)
+    assert damage.kl_se == pytest.approx(float(kl.std()) / 10 ** 0.5, rel=1e-9) and damage.kl_se > 0
+
+
+def test_compare_decides_on_the_search_sample_or_else_on_every_image(model64) -> None:
+    meter = DamageMeter(model64, _images(10, dtype=torch.float64), batch_size=4, search_images=4)
+    heavy, light = _plan(merge_r=[6, 4, 2, 1]), _plan(merge_r=[0, 0, 0, 1])
+    clear = meter.compare(heavy, light)
+    assert clear.decided and clear.kl > 0 and clear.images == 4
+    assert clear.kl == pytest.approx(meter.whole(heavy, 4).kl - meter.whole(light, 4).kl, rel=1e-9)
+    same = meter.compare(heavy, heavy)  # no difference: never decided, so measured on all 10
+    assert not same.decided and same.kl == 0.0 and same.images == 10

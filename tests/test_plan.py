@@ -21,7 +21,7 @@ from conftest import tiny_vit
 from vitcompress.analyze import Analysis, LayerAnalysis, analyze, recommend
 from vitcompress.convert import convert, glad_modules, static_attention_modules
 from vitcompress.cost import flop_speedup, model_geometry
-from vitcompress.damage import Damage, DamageMeter
+from vitcompress.damage import Damage, DamageMeter, Difference
 from vitcompress.errors import VitcompressError
 from vitcompress.flops import count_flops
 from vitcompress.modules.tome import is_patched, merge_schedule, r_schedule, tome_schedule
@@ -426,16 +426,54 @@ def test_a_less_damaging_plan_a_little_slower_in_flops_replaces_it_if_its_timing
 
 
 def test_among_neighbours_as_damaging_within_measurement_the_fastest_in_flops_is_taken(model, fake_timer) -> None:
-    # Damages within DAMAGE_TIE are a tie, broken by FLOPs (not by a timing, which varies run to run).
+    # Damages within SIGNIFICANT standard errors of each other are a tie, broken by FLOPs (not by a
+    # timing, which varies run to run).
     fake_timer(1.0)
     candidates, damages, speeds, chosen, better = _neighbours(model)
     near = [c for c in candidates if chosen.flop_speedup < c.flop_speedup <= chosen.flop_speedup * (1 + PLAN.NEIGHBOURHOOD)]
     for c in near:
-        c.damage = Damage(0.5 * (1 + PLAN.DAMAGE_TIE / 4), 0.8, 16)
-    near[0].damage = Damage(0.5 / (1 + PLAN.DAMAGE_TIE / 4), 0.8, 16)  # less damaging, but within the tie
+        c.damage = Damage(0.51, 0.8, 16, kl_se=0.01)
+    near[0].damage = Damage(0.49, 0.8, 16, kl_se=0.01)  # less damaging, but within 2 standard errors
     fastest = max(near, key=lambda c: c.flop_speedup)
     target = chosen.flop_speedup * 0.9
     assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None).flop_speedup >= fastest.flop_speedup
+    # The same damages measured ten times more precisely are not a tie: the less damaging one is taken.
+    _, damages, speeds, chosen, _ = _neighbours(model)
+    for c in near:
+        c.damage = Damage(0.51, 0.8, 16, kl_se=0.001)
+    near[0].damage = Damage(0.49, 0.8, 16, kl_se=0.001)
+    assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None) is near[0]
+
+
+class _PairedMeter:
+    """A meter whose search-sample damages (``whole``) tie while its paired comparison on every
+    image (``compare``) decides: what 256 and 2,048 calibration images said of two 2.5x plans."""
+
+    search_count = 256
+
+    def __init__(self, differences: dict) -> None:
+        self.differences = differences  # (merges of a, merges of b) -> Difference(a - b)
+
+    def whole(self, plan, images=None):
+        raise AssertionError("the candidates' search damages are set")
+
+    def compare(self, a, b):
+        return self.differences[(tuple(a.merges()), tuple(b.merges()))]
+
+
+def test_the_polish_decides_on_the_paired_comparison_not_on_the_search_sample(model, fake_timer) -> None:
+    fake_timer(1.0)
+    candidates, _, speeds, chosen, better = _neighbours(model)
+    chosen.damage, better.damage = Damage(0.0915, 0.86, 256, 0.009), Damage(0.0904, 0.86, 256, 0.009)
+    near = [c for c in candidates if c is not chosen and c is not better
+            and chosen.flop_speedup / (1 + PLAN.NEIGHBOURHOOD) <= c.flop_speedup <= chosen.flop_speedup * (1 + PLAN.NEIGHBOURHOOD)]
+    worse = Difference(-0.05, 0.001, 256)  # the others: measurably more damaging
+    pairs = {(tuple(chosen.plan.merges()), tuple(c.plan.merges())): worse for c in near}
+    pairs[(tuple(chosen.plan.merges()), tuple(better.plan.merges()))] = Difference(0.011, 0.0038, 2048)
+    pairs.update({(tuple(better.plan.merges()), tuple(c.plan.merges())): worse for c in candidates if c is not better})
+    damages = PLAN._Damages(model_geometry(model), _PairedMeter(pairs), [])
+    target = chosen.flop_speedup * 0.9
+    assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None) is better
 
 
 def test_a_neighbour_whose_long_timing_falls_short_is_kept_out_and_recorded_as_a_near_tie(model, fake_timer) -> None:
@@ -492,9 +530,9 @@ def test_token_merging_schedules_are_measured_only_where_they_could_win(model, i
     calls = []
     real = DamageMeter.whole
 
-    def whole(self, plan):
+    def whole(self, plan, images=None):
         calls.append(plan.merges())
-        return real(self, plan)
+        return real(self, plan, images)
 
     monkeypatch.setattr(DamageMeter, "whole", whole)
     plan = _plan(model, "2x", method="tome", calibration=images, measure_speed=False)
@@ -644,7 +682,7 @@ def test_a_timed_plan_records_what_was_measured(model, images, fake_timer) -> No
     assert {"budget_met", "speedup", "speed", "deployment", "damage", "part_damage", "timed", "near_tie"} <= set(m)
     assert m["deployment"] == {"device": "cpu", "batch_size": 4, "threads": 1}
     assert m["speed"]["speedup"] == m["speedup"] and m["speed"]["batch_size"] == 4 and m["speed"]["threads"] == 1
-    assert set(m["damage"]) == {"kl", "agreement", "images"}
+    assert set(m["damage"]) == {"kl", "kl_se", "agreement", "images"}
     assert m["timed"] and all(set(t) == {"plan", "family", "flop_speedup", "speedup", "kl"} for t in m["timed"])
     chosen = [t for t in m["timed"] if t["plan"] == plan.describe()]
     assert len(chosen) == 1 and chosen[0]["speedup"] == m["speedup"] and chosen[0]["kl"] == m["damage"]["kl"]

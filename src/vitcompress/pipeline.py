@@ -37,7 +37,7 @@ from vitcompress.distributed import barrier, default_device, dist_info, init_dis
 from vitcompress.errors import DataError, Interrupted, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult
 from vitcompress.names import ANALYSIS_JSON, MODEL_FILE, OUTPUT_ROOT, PLAN_JSON, RUN_FILE, WORKDIR_NAME, model_slug, output_dir_for
-from vitcompress.plan_types import DEFAULT_METHOD, Plan, parse_budget
+from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Plan, parse_budget
 from vitcompress.timing import compare_speed
 
 DEMO = "demo"
@@ -193,7 +193,7 @@ class PlanOptions:
     damage is measured on, and the deployment candidates are timed for."""
 
     method: str = DEFAULT_METHOD
-    calibration_images: int = 256
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     measure_speed: bool = True
     batch_size: int = 32
     threads: Optional[int] = None

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from vitcompress.cli._app import app
+from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES
 from vitcompress.cli._common import (
     BatchSizeOpt,
     CheckpointOpt,
@@ -50,7 +51,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model will r
 CalibOpt = Annotated[
     int,
     typer.Option("--calibration-images", min=0,
-                 help="Training images to measure each candidate's damage on (KL to the original); 0: use the analysis proxy."),
+                 help="Training images to measure damage on (KL to the original): the search ranks candidates on the "
+                 "first 256, neighbouring plans are told apart on all of them; 0: use the analysis proxy."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for plan.json (default ./vitcompress-out/<model>/).")]
 AllowBelowOpt = Annotated[
@@ -67,7 +69,7 @@ def plan_command(
     budget: BudgetOpt = "2x",
     method: MethodOpt = "auto",
     data: DataOpt = None,
-    calibration_images: CalibOpt = 256,
+    calibration_images: CalibOpt = DEFAULT_CALIBRATION_IMAGES,
     analysis: AnalysisOpt = None,
     no_calibrate: NoCalibrateOpt = False,
     batch_size: BatchSizeOpt = 32,
