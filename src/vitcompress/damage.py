@@ -91,7 +91,7 @@ class DamageMeter:
         self.search_count = min(int(search_images), self.images.shape[0])
         self.reference = self._log_probs(self.model, self.images)
         self.block_inputs = self._block_inputs(self.images[: self.part_count])
-        self._memo: dict[tuple[str, Optional[int]], Damage] = {}
+        self._memo: dict[tuple[str, int], Damage] = {}  # from_block: (plan, first block) -> damage
         self._per_image: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # whole plans: (KL, agreement) per image
 
     @torch.inference_mode()

@@ -322,10 +322,9 @@ class _Damages:
     def compare(self, a: Candidate, b: Candidate) -> Difference:
         """Damage of ``a`` minus ``b``, paired per image (on every calibration image where the search
         sample does not decide); without a meter, from the two damages and their standard errors."""
+        da, db = self.whole(a), self.whole(b)  # (recorded on the candidates either way)
         if self.meter is not None:
-            self.whole(a), self.whole(b)
             return self.meter.compare(a.plan, b.plan)
-        da, db = self.whole(a), self.whole(b)
         return Difference(da.kl - db.kl, math.hypot(da.kl_se, db.kl_se), min(da.images, db.images))
 
     def best_known(self, c: Candidate) -> float:
@@ -647,10 +646,10 @@ def _polish(chosen: Candidate, candidates: Sequence[Candidate], damages: _Damage
     """Measure the damage of every plan of ``chosen``'s family within ``NEIGHBOURHOOD`` of it in
     FLOPs and move to the least damaging one, or, when none is measurably less damaging (paired,
     ``_Damages.compare``), to the fastest in FLOPs of those as damaging within measurement, if its
-    long timing meets the budget too (repeated from there). The search measures only the plans its timings lead it
-    to, and a few percent of timing noise in the first timings moves which ones those are; from
-    either of two such stopping points this ends at the same plan unless a timing decides (a
-    near-tie, which the plan records)."""
+    long timing meets the budget too (repeated from there). The search measures only the plans its
+    timings lead it to, and a few percent of timing noise in the first timings moves which ones
+    those are; from either of two such stopping points this ends at the same plan unless a timing
+    decides (a near-tie, which the plan records)."""
     tried = {id(chosen)}
     for _ in range(MAX_TIMED):
         near = [c for c in candidates if c.family == chosen.family and id(c) not in tried
