@@ -476,6 +476,20 @@ def test_the_polish_decides_on_the_paired_comparison_not_on_the_search_sample(mo
     assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None) is better
 
 
+def test_a_neighbour_whose_search_timing_falls_short_is_not_timed_long(model, fake_timer) -> None:
+    # The long timing only decides for plans whose search timing meets the budget (within the
+    # tolerance); timing the others long costs minutes on a real model and cannot change the plan.
+    timer = fake_timer(1.0)
+    candidates, damages, speeds, chosen, _ = _neighbours(model)
+    near = [c for c in candidates if chosen.flop_speedup < c.flop_speedup <= chosen.flop_speedup * (1 + PLAN.NEIGHBOURHOOD)]
+    for c in near:
+        c.damage = Damage(0.5, 0.8, 16, kl_se=0.05)  # all tied with the chosen one, all faster in FLOPs
+    target = max(c.flop_speedup for c in near) * 1.1  # beyond every search timing's tolerance
+    assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None) is chosen
+    assert [c for c in near if c.speed is not None]  # neighbours were timed (short) ...
+    assert len(timer.reports) == 1  # ... and only the chosen one long (in _neighbours)
+
+
 def test_a_neighbour_whose_long_timing_falls_short_is_kept_out_and_recorded_as_a_near_tie(model, fake_timer) -> None:
     fake_timer(1.0)
     candidates, damages, speeds, chosen, better = _neighbours(model)

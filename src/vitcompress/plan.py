@@ -669,6 +669,8 @@ def _polish(chosen: Candidate, candidates: Sequence[Candidate], damages: _Damage
         if best.speed is None:
             _time(best, speeds, say)
         if best.search_speedup is None:
+            if not _candidate_meets(best, best.speed.speedup, target):  # type: ignore[union-attr]
+                continue  # its search timing already falls short (beyond the tolerance): no long timing
             _retime(best, speeds, say)
         if _candidate_meets(best, best.speed.speedup, target):  # type: ignore[union-attr]
             say(f"{why}, and meets the budget: {best.plan.describe()}")
