@@ -18,11 +18,9 @@ Writes ``--out``/damage-precision.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -50,23 +48,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.inference_mode()
-def _log_probs(model: Any, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(chunk).double().log_softmax(-1) for chunk in images.split(256)])
-
-
-def _kl(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    return (reference.exp() * (reference - log_probs)).sum(-1)
-
-
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
-    return float(values.mean()), float(values.std()) / math.sqrt(values.shape[0])
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     from vitcompress._io import write_json_atomic, write_text_atomic
-    from vitcompress.convert import convert
     from vitcompress.cost import flop_speedup, model_geometry
+    from vitcompress.damage import DamageMeter
     from vitcompress.pipeline import calibration_images
     from vitcompress.plan_types import Plan
 
@@ -74,30 +59,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     teacher, train, val, _, _ = load_setup(args.model, args.data, args.val_images)
     geom = model_geometry(teacher)
-    calib = calibration_images(train, max(SIZES))  # one fixed random sample; the planner takes the first ones
-    val_images = calibration_images(val, len(val))
-    ref_calib, ref_val = _log_probs(teacher, calib), _log_probs(teacher, val_images)
-    per_image: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    # One fixed random sample; the planner's meter takes the first images of its sample likewise.
+    meter = DamageMeter(teacher, calibration_images(train, max(SIZES)))
+    val_meter = DamageMeter(teacher, calibration_images(val, len(val)))
+    plans: dict[str, Plan] = {}
     rows = []
     for spec in args.plan or PLANS:
         name, _, rs = spec.partition("=")
-        plan = Plan(num_blocks=geom.depth, num_prefix_tokens=geom.num_prefix_tokens, grid=geom.grid,
-                    merge_r=[int(r) for r in rs.split(",")])
-        student = convert(teacher, plan).eval()
-        kl_calib, kl_val = _kl(ref_calib, _log_probs(student, calib)), _kl(ref_val, _log_probs(student, val_images))
-        per_image[name] = (kl_calib, kl_val)
+        plan = plans[name] = Plan(num_blocks=geom.depth, num_prefix_tokens=geom.num_prefix_tokens, grid=geom.grid,
+                                  merge_r=[int(r) for r in rs.split(",")])
+        on_val = val_meter.whole(plan)
         row = {"plan": name, "merge_r": plan.merge_r, "flop_speedup": flop_speedup(geom, plan),
-               "kl_val": _mean_se(kl_val)[0], "kl_val_se": _mean_se(kl_val)[1],
-               "kl": {n: _mean_se(kl_calib[:n]) for n in SIZES}}
+               "kl_val": on_val.kl, "kl_val_se": on_val.kl_se,
+               "kl": {n: (meter.whole(plan, n).kl, meter.whole(plan, n).kl_se) for n in SIZES}}
         rows.append(row)
         print(f"{name}: val {row['kl_val']:.4f}; " + ", ".join(f"{n}: {m:.4f} +- {s:.4f}" for n, (m, s) in row["kl"].items()),
               file=sys.stderr, flush=True)
     a, b = args.pair.split(",")
-    pair = {"a": a, "b": b, "val": _mean_se(per_image[a][1] - per_image[b][1]),
-            "sizes": {n: _mean_se(per_image[a][0][:n] - per_image[b][0][:n]) for n in SIZES}}
+    on_val = val_meter.difference(plans[a], plans[b])
+    pair = {"a": a, "b": b, "val": (on_val.kl, on_val.se),
+            "sizes": {n: (d.kl, d.se) for n in SIZES for d in [meter.difference(plans[a], plans[b], n)]}}
     out = Path(args.out)
     write_json_atomic(out / "damage-precision.json", {"rows": rows, "pair": pair, "threads": args.threads,
-                                                      "val_images": len(val), "calibration_images": calib.shape[0]})
+                                                      "val_images": len(val), "calibration_images": meter.count})
     write_text_atomic(out / "damage-precision.md", _markdown(rows, pair))
     print(_markdown(rows, pair))
 

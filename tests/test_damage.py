@@ -175,5 +175,6 @@ def test_compare_decides_on_the_search_sample_or_else_on_every_image(model64) ->
     clear = meter.compare(heavy, light)
     assert clear.decided and clear.kl > 0 and clear.images == 4
     assert clear.kl == pytest.approx(meter.whole(heavy, 4).kl - meter.whole(light, 4).kl, rel=1e-9)
+    assert meter.difference(heavy, light, 4) == clear  # compare is difference on the search sample here
     same = meter.compare(heavy, heavy)  # no difference: never decided, so measured on all 10
     assert not same.decided and same.kl == 0.0 and same.images == 10

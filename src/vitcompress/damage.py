@@ -124,12 +124,18 @@ class DamageMeter:
         (default: every one); memoised per image, so a larger count measures only the images added."""
         return _summary(*self._whole_per_image(plan, self.count if images is None else min(int(images), self.count)))
 
+    def difference(self, a: Plan, b: Plan, images: Optional[int] = None) -> Difference:
+        """Damage of ``a`` minus damage of ``b``, paired per image over the first ``images``
+        calibration images (default: every one)."""
+        count = self.count if images is None else min(int(images), self.count)
+        (kl_a, _), (kl_b, _) = self._whole_per_image(a, count), self._whole_per_image(b, count)
+        return Difference(*_mean_se(kl_a - kl_b), count)
+
     def compare(self, a: Plan, b: Plan) -> Difference:
-        """Damage of ``a`` minus damage of ``b``, paired per image: on the search sample, and on every
-        calibration image when that difference is within ``SIGNIFICANT`` standard errors."""
+        """``difference(a, b)`` on the search sample, and on every calibration image when that is
+        within ``SIGNIFICANT`` standard errors."""
         for count in sorted({self.search_count, self.count}):
-            (kl_a, _), (kl_b, _) = self._whole_per_image(a, count), self._whole_per_image(b, count)
-            difference = Difference(*_mean_se(kl_a - kl_b), count)
+            difference = self.difference(a, b, count)
             if difference.decided:
                 break
         return difference
