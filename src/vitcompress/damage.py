@@ -26,7 +26,7 @@ from torch import nn
 
 from vitcompress.convert import convert
 from vitcompress.errors import VitcompressError
-from vitcompress.plan_types import Plan
+from vitcompress.plan_types import SEARCH_IMAGES, Plan
 
 
 # Standard errors a paired difference of damage must exceed to say one plan damages less.
@@ -79,7 +79,7 @@ class DamageMeter:
         *,
         batch_size: int = 64,
         part_images: int = 128,
-        search_images: int = 256,
+        search_images: int = SEARCH_IMAGES,
     ) -> None:
         _check_images(model, images)
         self.model = model.eval()

@@ -33,10 +33,11 @@ METHODS = ("dgssa-glad", "dgssa", "glad", "tome", "auto")
 # CIFAR-10 teacher token merging wins at batch 32 and GLAD at batch 1: docs/RESULTS.md).
 DEFAULT_METHOD = "auto"
 # Training images the planner measures damage on (plan/compress --calibration-images). Its search
-# ranks candidates on the first 256 (``damage.DamageMeter``'s ``search_images``); deciding between
-# neighbouring plans takes all of them where those 256 do not (a plan's KL has a standard error of
-# about 10% on 256 images of the CIFAR-10 teacher, 3.6% on 2,048).
+# ranks candidates on the first SEARCH_IMAGES (``damage.DamageMeter``'s ``search_images``); deciding
+# between neighbouring plans takes all of them where those do not (a plan's KL has a standard error
+# of about 10% on 256 images of the CIFAR-10 teacher, 3.6% on 2,048).
 DEFAULT_CALIBRATION_IMAGES = 2048
+SEARCH_IMAGES = 256
 # The method a plan without one was made by (version-1 plans, plans written by hand).
 PLAN_METHOD = "dgssa-glad"
 
@@ -258,6 +259,7 @@ def parse_budget(budget: Union[str, float, int, Budget]) -> float:
 
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
+    "SEARCH_IMAGES",
     "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction", "SCHEDULE_KINDS",
     "load_plan", "parse_budget", "save_plan",
 ]  # fmt: skip

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from vitcompress.cli._app import app
-from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES
+from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, SEARCH_IMAGES
 from vitcompress.errors import VitcompressError
 from vitcompress.cli._common import (
     CheckpointOpt,
@@ -97,7 +97,7 @@ def compress_command(
     force: ForceOpt = False,
     method: Annotated[str, typer.Option("--method", help="auto (default: search every method, keep the best measured), dgssa-glad (static attention + token aggregation), dgssa, glad or tome (token merging).")] = "auto",
     tome_r: Annotated[Optional[int], typer.Option("--tome-r", min=1, help="Token merging with r tokens merged per block (implies --method tome; skips planning).")] = None,
-    calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help="Training images the planner measures damage on (its search uses the first 256; 0: analysis proxy).")] = DEFAULT_CALIBRATION_IMAGES,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help=f"Training images the planner measures damage on (its search uses the first {SEARCH_IMAGES}; 0: analysis proxy).")] = DEFAULT_CALIBRATION_IMAGES,
     plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,
     allow_slower_at_batch_1: SlowerAtBatch1Opt = False,
     probe_steps: Annotated[int, typer.Option("--probe-steps", min=0, help="Probe-fine-tune the best plan of each family (static attention, GLAD, both, token merging) for this many steps and keep the one least damaged after it (0: choose on training-free damage).")] = 0,

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from vitcompress.cli._app import app
-from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES
+from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, SEARCH_IMAGES
 from vitcompress.cli._common import (
     BatchSizeOpt,
     CheckpointOpt,
@@ -52,7 +52,7 @@ CalibOpt = Annotated[
     int,
     typer.Option("--calibration-images", min=0,
                  help="Training images to measure damage on (KL to the original): the search ranks candidates on the "
-                 "first 256, neighbouring plans are told apart on all of them; 0: use the analysis proxy."),
+                 f"first {SEARCH_IMAGES}, neighbouring plans are told apart on all of them; 0: use the analysis proxy."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for plan.json (default ./vitcompress-out/<model>/).")]
 AllowBelowOpt = Annotated[
