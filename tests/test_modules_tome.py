@@ -425,6 +425,20 @@ def test_a_token_of_size_k_attends_like_k_copies(fused):
     torch.testing.assert_close(out, attn(copies)[:, :5], atol=1e-12, rtol=0)
 
 
+def test_the_size_bias_is_computed_once_per_change_of_the_sizes():
+    state = TokenSize(num_prefix_tokens=1)
+    assert state.bias() is None
+    size = torch.tensor([[[1.0], [3.0], [2.0]]])
+    state.size = size
+    bias = state.bias()
+    torch.testing.assert_close(bias, size.log().reshape(1, 1, 1, 3), atol=0, rtol=0)
+    assert state.bias() is bias  # the blocks after a merge share one bias
+    state.size = size * 2  # a merge or a handed-over size replaces it
+    torch.testing.assert_close(state.bias(), (size * 2).log().reshape(1, 1, 1, 3), atol=0, rtol=0)
+    state.size = None
+    assert state.bias() is None
+
+
 # ----------------------------------------------------------------------------- the patch as a module
 
 

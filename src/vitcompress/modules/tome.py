@@ -24,7 +24,9 @@ Proportional attention: a token that stands for ``s`` patches should weigh as mu
 of one patch, so ``log(s)`` is added to the attention logits of every key. This is a float additive
 mask [B, 1, 1, N] to ``scaled_dot_product_attention``, so the fused kernel is kept (timm's own
 non-fused path is followed when ``attn.fused_attn`` is False). Without sizes (nothing merged yet)
-no mask is passed and the block computes exactly what timm's block does.
+no mask is passed and the block computes exactly what timm's block does. At batch 1 the per-op cost,
+not the arithmetic, is what merging pays for, so the bias is computed once per change of the sizes
+(``TokenSize.bias``) and a block that does not merge does not average its keys.
 
 Patching (``patch_tome``): the blocks of a stock timm ``VisionTransformer`` keep all their modules
 (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``; so
@@ -150,7 +152,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1) -> Token
     with torch.no_grad():  # a discrete choice: no gradient flows through it
         # float32 at least: bf16 similarities tie often, which would make the choice arbitrary.
         unit = F.normalize(metric[:, protected:].to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
-        best_score, best_b = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).max(dim=-1)  # [B, Na]
+        best_score, best_b = torch.bmm(unit[:, ::2], unit[:, 1::2].transpose(1, 2)).max(dim=-1)  # [B, Na]
         rank = descending_rank(best_score)
         # Unmerged A tokens keep their order (their rank among those kept); merged ones go to their match.
         kept = rank >= r
@@ -165,10 +167,18 @@ def descending_rank(score: Tensor) -> Tensor:
     """[B, K] -> [B, K] int64: each entry's place when ``score`` is sorted in descending order, ties
     broken by position (the ranks a stable sort gives). Counted from pairwise comparisons rather than
     sorted: K is small (half the tokens), and the ONNX exporter has no stable sort."""
-    k = score.shape[-1]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j comes before i
     mine, theirs = score.unsqueeze(-1), score.unsqueeze(-2)
-    return ((theirs > mine) | ((theirs == mine) & earlier)).sum(dim=-1)
+    return ((theirs > mine) | ((theirs == mine) & _earlier(score.shape[-1], score.device))).sum(dim=-1)
+
+
+_EARLIER: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _earlier(k: int, device: torch.device) -> Tensor:
+    """[K, K] bool, [i, j] True where j comes before i; kept per shape (two ops per call otherwise)."""
+    if (k, device) not in _EARLIER:
+        _EARLIER[k, device] = torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)
+    return _EARLIER[k, device]
 
 
 _LAYOUTS: dict[tuple[int, int, int, torch.device], Tensor] = {}
@@ -217,13 +227,26 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     follows its ``fused_attn`` choice. Returns (output [B, N, C], metric = keys averaged over heads
     [B, N, head_dim]). ``size=None`` computes exactly timm's attention.
     """
+    out, metric = _attend(attn, x, None if size is None else size_bias(size), True)
+    return out, metric  # type: ignore[return-value]
+
+
+def size_bias(size: Tensor) -> Tensor:
+    """The proportional-attention logit offset of each key, ``log(size)``: [B, N, 1] -> [B, 1, 1, N]."""
+    return size.log().reshape(size.shape[0], 1, 1, size.shape[1])
+
+
+def _attend(attn: nn.Module, x: Tensor, bias: Optional[Tensor], with_metric: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``proportional_attention`` from a ready bias; the metric only when asked (a block that does
+    not merge skips averaging its keys: at batch 1 every op counts)."""
     B, N, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log().to(q.dtype).reshape(B, 1, 1, N)  # one logit offset per key
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
     if attn.fused_attn:
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
@@ -235,7 +258,7 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), (k.mean(dim=1) if with_metric else None)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -322,7 +345,23 @@ class TokenSize:
 
     def __init__(self, num_prefix_tokens: int) -> None:
         self.num_prefix_tokens = num_prefix_tokens
-        self.size: Optional[Tensor] = None
+        self.size = None
+
+    @property
+    def size(self) -> Optional[Tensor]:
+        return self._size
+
+    @size.setter
+    def size(self, size: Optional[Tensor]) -> None:
+        self._size = size
+        self._bias: Optional[Tensor] = None
+
+    def bias(self) -> Optional[Tensor]:
+        """``size_bias`` of the current sizes (None without sizes), computed once per change of the
+        sizes rather than in every block that reads them."""
+        if self._bias is None and self._size is not None:
+            self._bias = size_bias(self._size)
+        return self._bias
 
     def reset(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: a new forward starts with one patch per token."""
@@ -395,7 +434,7 @@ class _ToMeBlock:
                 f"a stage that changes the tokens must hand over their sizes with set_token_size"
             )
         if is_standard_attention(self.attn):
-            x_attn, metric = proportional_attention(self.attn, self.norm1(x), size)
+            x_attn, metric = _attend(self.attn, self.norm1(x), state.bias(), self.tome_r > 0)
         elif size is None and self.tome_r == 0:
             x_attn, metric = self.attn(self.norm1(x)), None
         else:
