@@ -151,7 +151,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1) -> Token
         return TokenMerge(protected, 0)
     with torch.no_grad():  # a discrete choice: no gradient flows through it
         # float32 at least: bf16 similarities tie often, which would make the choice arbitrary.
-        unit = F.normalize(metric[:, protected:].to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
+        unit = F.normalize(_as(metric[:, protected:], torch.promote_types(metric.dtype, torch.float32)), dim=-1)
         best_score, best_b = torch.bmm(unit[:, ::2], unit[:, 1::2].transpose(1, 2)).max(dim=-1)  # [B, Na]
         rank = descending_rank(best_score)
         # Unmerged A tokens keep their order (their rank among those kept); merged ones go to their match.
@@ -209,15 +209,19 @@ def merge_wavg(merge: TokenMerge, x: Tensor, size: Optional[Tensor] = None) -> t
     """
     if merge.r == 0:
         return x, size
-    work = torch.promote_types(x.dtype, torch.float32 if size is None else size.dtype)
-    work = torch.promote_types(work, torch.float32)
+    work = torch.promote_types(torch.promote_types(x.dtype, torch.float32), torch.float32 if size is None else size.dtype)
     B, N, C = x.shape
-    size = x.new_ones(B, N, 1, dtype=work) if size is None else size.to(work)
+    size = x.new_ones(B, N, 1, dtype=work) if size is None else _as(size, work)
     into = merge.dest.unsqueeze(-1)  # type: ignore[union-attr]
     new_size = size.new_zeros(B, N - merge.r, 1).scatter_add(1, into, size)
     share = size / new_size.gather(1, into)
-    out = share.new_zeros(B, N - merge.r, C).scatter_add(1, into.expand(-1, -1, C), x.to(work) * share)
-    return out.to(x.dtype), new_size
+    out = share.new_zeros(B, N - merge.r, C).scatter_add(1, into.expand(-1, -1, C), _as(x, work) * share)
+    return _as(out, x.dtype), new_size
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the call when it would change nothing (one op less at batch 1)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
