@@ -496,11 +496,16 @@ def test_a_neighbour_whose_long_timing_falls_short_is_kept_out_and_recorded_as_a
     target = better.flop_speedup * 1.005  # the neighbour's long timing falls just short, inside its spread
     chosen.speed.speedup = target  # (the chosen one meets it)
     assert PLAN._polish(chosen, candidates, damages, speeds, target, lambda m: None) is chosen
-    assert PLAN._near_ties(chosen, speeds, target) == [better]
+    [(tie, saved)] = PLAN._near_ties(chosen, speeds, damages, target)
+    assert tie is better and saved.kl == pytest.approx(0.2) and saved.decided
     far = better.flop_speedup * 1.02  # short by more than the spread (q75 = 1.01 x): not a near-tie
-    assert PLAN._near_ties(chosen, speeds, far) == []
+    assert PLAN._near_ties(chosen, speeds, damages, far) == []
     # Of a kind the batch-1 floor set aside: a rerun that timed it faster would set it aside too.
-    assert PLAN._near_ties(chosen, speeds, target, frozenset({better.speed_class})) == []
+    assert PLAN._near_ties(chosen, speeds, damages, target, frozenset({better.speed_class})) == []
+    # Less damaging on the sample but within two standard errors: the damage did not decide either,
+    # so it is no near-tie (the plan would call it "less damaging" on noise).
+    chosen.damage, better.damage = Damage(0.5, 0.8, 16, kl_se=0.1), Damage(0.3, 0.9, 16, kl_se=0.1)
+    assert PLAN._near_ties(chosen, speeds, damages, target) == []
 
 
 def test_the_same_call_gives_the_same_plan(model, images, fake_timer) -> None:

@@ -788,9 +788,10 @@ def _record(
         "timed": [{"plan": t.plan.describe(), "family": t.family, "flop_speedup": t.flop_speedup,
                    "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
     }
-    ties = _near_ties(c, speeds, target.speedup, aside)
+    ties = _near_ties(c, speeds, damages, target.speedup, aside)
     plan.measured["near_ties"] = [{"plan": t.plan.describe(), "speedup": t.speed.speedup, "speedup_q75": t.speed.speedup_q75,  # type: ignore[union-attr]
-                                   "kl": t.damage.kl} for t in ties]  # type: ignore[union-attr]
+                                   "kl": t.damage.kl, "kl_less": d.kl, "kl_less_se": d.se, "images": d.images}  # type: ignore[union-attr]
+                                  for t, d in ties]
     plan.measured["near_tie"] = bool(ties) or bool(c.speed is not None and c.speed.speedup_q25 < target.speedup)
     plan.measured["timing_spread"] = timing_spread(c.speed) if c.speed is not None else None
     if not plan.measured["budget_met"]:
@@ -818,16 +819,20 @@ def noisy_timing_message(plan: Plan) -> Optional[str]:
             f"was busy, so the search may have chosen on noise; plan again when nothing else runs")
 
 
-def _near_ties(c: Candidate, speeds: _Speeds, target: float, aside: frozenset = frozenset()) -> list[Candidate]:
-    """Timed plans less damaging than ``c`` that fell short of the budget by less than their own
-    timing's spread: a timing, not the damage, decided against them (another run may not). Plans of
-    a speed class in ``aside`` (set aside as measurably slower at batch 1) are none: a rerun that
-    timed them faster would set them aside too."""
+def _near_ties(c: Candidate, speeds: _Speeds, damages: _Damages, target: float,
+               aside: frozenset = frozenset()) -> list[tuple[Candidate, Difference]]:
+    """Timed plans measurably less damaging than ``c`` (the paired comparison the polish decides
+    on) that fell short of the budget by less than their own timing's spread: a timing, not the
+    damage, decided against them (another run may not); each with how much less damaging it is.
+    Plans of a speed class in ``aside`` (set aside as measurably slower at batch 1) are none: a
+    rerun that timed them faster would set them aside too."""
     if c.damage is None:
         return []
-    return [t for t in speeds.timed if t is not c and t.damage is not None and t.damage.kl < c.damage.kl
-            and t.speed_class not in aside
-            and not _candidate_meets(t, t.speed.speedup, target) and t.speed.speedup_q75 >= target]  # type: ignore[union-attr]
+    short = [t for t in speeds.timed if t is not c and t.damage is not None and t.damage.kl < c.damage.kl
+             and t.speed_class not in aside
+             and not _candidate_meets(t, t.speed.speedup, target) and t.speed.speedup_q75 >= target]  # type: ignore[union-attr]
+    paired = [(t, damages.compare(c, t)) for t in short]
+    return [(t, d) for t, d in paired if d.decided and d.kl > 0]
 
 
 def _prediction_before(c: Candidate, speeds: _Speeds) -> float:

@@ -211,7 +211,8 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
              f"{s['speedup_q75']:.2f}; batch {d['batch_size']}, {d['threads']} threads, {d['device']}; "
              f"{len(m['timed'])} candidate(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}")
         for tie in m.get("near_ties", []):
-            _say(f"[yellow]near-tie:[/] {tie['plan']} is less damaging (KL {tie['kl']:.4f}) but timed {tie['speedup']:.2f}x "
+            _say(f"[yellow]near-tie:[/] {tie['plan']} is less damaging (KL {tie['kl_less']:.4f} less, standard error "
+                 f"{tie['kl_less_se']:.4f}, on {tie['images']} images) but timed {tie['speedup']:.2f}x "
                  f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a rerun may choose it")
         if m.get("near_tie") and not m.get("near_ties"):
             _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
