@@ -231,8 +231,7 @@ def proportional_attention(attn: nn.Module, x: Tensor, size: Optional[Tensor] = 
     follows its ``fused_attn`` choice. Returns (output [B, N, C], metric = keys averaged over heads
     [B, N, head_dim]). ``size=None`` computes exactly timm's attention.
     """
-    out, metric = _attend(attn, x, None if size is None else size_bias(size), True)
-    return out, metric  # type: ignore[return-value]
+    return _attend(attn, x, None if size is None else size_bias(size), True)  # type: ignore[return-value]
 
 
 def size_bias(size: Tensor) -> Tensor:
