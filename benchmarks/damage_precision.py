@@ -71,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         on_val = val_meter.whole(plan)
         row = {"plan": name, "merge_r": plan.merge_r, "flop_speedup": flop_speedup(geom, plan),
                "kl_val": on_val.kl, "kl_val_se": on_val.kl_se,
-               "kl": {n: (meter.whole(plan, n).kl, meter.whole(plan, n).kl_se) for n in SIZES}}
+               "kl": {n: (d.kl, d.kl_se) for n in SIZES for d in [meter.whole(plan, n)]}}
         rows.append(row)
         print(f"{name}: val {row['kl_val']:.4f}; " + ", ".join(f"{n}: {m:.4f} +- {s:.4f}" for n, (m, s) in row["kl"].items()),
               file=sys.stderr, flush=True)

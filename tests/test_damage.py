@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_vit
 from vitcompress.convert import convert
-from vitcompress.damage import Damage, DamageMeter
+from vitcompress.damage import Damage, DamageMeter, Difference
 from vitcompress.errors import VitcompressError
 from vitcompress.plan import tome_plan
 from vitcompress.plan_types import Plan, Reduction
@@ -178,3 +178,9 @@ def test_compare_decides_on_the_search_sample_or_else_on_every_image(model64) ->
     assert meter.difference(heavy, light, 4) == clear  # compare is difference on the search sample here
     same = meter.compare(heavy, heavy)  # no difference: never decided, so measured on all 10
     assert not same.decided and same.kl == 0.0 and same.images == 10
+
+
+def test_b_is_less_damaging_only_beyond_the_significance_and_in_its_favour() -> None:
+    assert Difference(0.01, 0.001, 100).b_less_damaging  # a - b > 0: b damages less, 10 standard errors
+    assert not Difference(-0.01, 0.001, 100).b_less_damaging  # a damages less
+    assert not Difference(0.001, 0.001, 100).b_less_damaging  # within SIGNIFICANT standard errors

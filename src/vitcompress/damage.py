@@ -60,6 +60,11 @@ class Difference:
         """Whether the difference exceeds ``SIGNIFICANT`` standard errors (an exact 0 never does)."""
         return abs(self.kl) > SIGNIFICANT * self.se
 
+    @property
+    def b_less_damaging(self) -> bool:
+        """Whether plan b is measurably less damaging than plan a (what the planner moves on)."""
+        return self.decided and self.kl > 0
+
 
 class DamageMeter:
     """Measures ``Damage`` of plans on ``images`` against ``model`` (the original, eval mode).

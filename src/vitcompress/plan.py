@@ -655,7 +655,7 @@ def _polish(chosen: Candidate, candidates: Sequence[Candidate], damages: _Damage
         near = [c for c in candidates if c.family == chosen.family and id(c) not in tried
                 and chosen.flop_speedup / (1 + NEIGHBOURHOOD) <= c.flop_speedup <= chosen.flop_speedup * (1 + NEIGHBOURHOOD)]
         saved = {id(c): damages.compare(chosen, c) for c in near}  # > 0: c damages less
-        better = [c for c in near if saved[id(c)].decided and saved[id(c)].kl > 0]
+        better = [c for c in near if saved[id(c)].b_less_damaging]
         tied = [c for c in near if not saved[id(c)].decided and c.flop_speedup > chosen.flop_speedup]
         if better:
             best = max(better, key=lambda c: (round(saved[id(c)].kl, 9), c.key))
@@ -832,7 +832,7 @@ def _near_ties(c: Candidate, speeds: _Speeds, damages: _Damages, target: float,
              and t.speed_class not in aside
              and not _candidate_meets(t, t.speed.speedup, target) and t.speed.speedup_q75 >= target]  # type: ignore[union-attr]
     paired = [(t, damages.compare(c, t)) for t in short]
-    return [(t, d) for t, d in paired if d.decided and d.kl > 0]
+    return [(t, d) for t, d in paired if d.b_less_damaging]
 
 
 def _prediction_before(c: Candidate, speeds: _Speeds) -> float:
