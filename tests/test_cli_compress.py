@@ -121,6 +121,22 @@ def test_bad_budget_fails_before_any_work(tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "vitcompress-out").exists()  # nothing analysed or written
 
 
+def test_an_unreachable_budget_fails_before_fine_tuning_unless_allowed(setup: tuple[str, Path]) -> None:
+    model, _ = setup
+    args = ["compress", model, "--budget", "1000x", "--data", "demo", "--steps", "2", "--no-calibrate", "--no-speed",
+            "--calibration-images", "16", *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "budget 1000x not reachable: best plan reaches" in result.stderr and "--allow-below-budget" in result.stderr
+    assert not Path("vitcompress-out/tiny-vit/finetune").exists()  # failed before fine-tuning
+    assert not Path("vitcompress-out/tiny-vit/model.safetensors").exists()
+    assert not Path("vitcompress-out/tiny-vit/plan.json").exists()
+    result = runner.invoke(app, [*args, "--allow-below-budget"])
+    assert result.exit_code == 0, result.output
+    assert "going on with it (--allow-below-budget)" in result.stderr
+    assert read_metadata("vitcompress-out/tiny-vit/model.safetensors")["plan"]["budget"] == "1000x"
+
+
 def test_compress_with_token_merging_exports_a_model_that_loads(setup: tuple[str, Path]) -> None:
     from vitcompress.export import load
     from vitcompress.modules.tome import tome_schedule

@@ -77,7 +77,7 @@ def test_demo_plan_timed(tmp_path: Path) -> None:
     assert m["timed"] and plan.describe() in [t["plan"] for t in m["timed"]]
     assert plan.predicted["speedup_source"] == "flops corrected by timed candidates"
     out = result.stdout.replace("\n", " ")
-    assert f"{m['speedup']:.2f}x measured (quartiles" in out and "batch 4, 1 threads, cpu" in out
+    assert f"{m['speedup']:.2f}x measured (quartiles" in out and "batch 4, 1 thread, cpu" in out
     assert f"{len(m['timed'])} candidate(s) timed" in out
     assert "timed " in result.stderr and "x measured" in result.stderr  # the planner's progress notes
     assert ("writing it anyway" in result.stderr) == (not m["budget_met"])

@@ -279,15 +279,17 @@ def test_predictions_follow_the_nearest_timed_candidate_of_the_same_family(model
 
 
 def test_an_unreachable_budget_gives_the_fastest_plan_timed_and_a_warning(model, fake_timer) -> None:
-    timer = fake_timer(0.9)
+    timer, said = fake_timer(0.9), []
     with pytest.warns(UserWarning, match=r"budget 1000x not reachable: best plan reaches \d+\.\d\dx \(target 1000\.00x\)"):
-        plan = make_plan(model, None, "1000x", method="dgssa-glad", deployment=DEPLOY)
+        plan = make_plan(model, None, "1000x", method="dgssa-glad", deployment=DEPLOY, log=said.append)
     candidates, _ = _all_candidates(model, "dgssa-glad")
     fastest = max(c.flop_speedup for c in candidates)
     assert plan.measured["budget_met"] is False and budget_met(plan) is False
     assert plan.predicted["flop_speedup"] == pytest.approx(fastest)
     assert plan.measured["speedup"] == pytest.approx(0.9 * fastest) == plan_speedup(plan)  # timed, not guessed
     assert timer.calls and unreachable_message(plan).startswith(f"budget 1000x not reachable: best plan reaches {0.9 * fastest:.2f}x")
+    # Out of reach of every plan: one longer timing of the fastest, no search again for slower ones.
+    assert len(timer.reports) == 1 and not any("searching again" in line for line in said)
     convert(model, plan)  # still a valid plan
 
 

@@ -18,6 +18,7 @@ from vitcompress.timing import (
     gc_paused,
     interleaved_order,
     measure_interleaved,
+    setting_text,
     speedup,
     torch_threads,
 )
@@ -153,3 +154,8 @@ def test_steady_allocator_pins_glibc_thresholds_once_and_timing_pins_them(monkey
     assert timing.steady_allocator() is pinned  # once per process, the same answer
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert pinned is True
+
+
+def test_the_setting_text_says_thread_or_threads() -> None:
+    assert setting_text(32, 1, "cpu") == "batch 32, 1 thread, cpu"
+    assert setting_text(1, 2, "cuda:0") == "batch 1, 2 threads, cuda:0"

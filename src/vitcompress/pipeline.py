@@ -38,7 +38,7 @@ from vitcompress.errors import DataError, Interrupted, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult
 from vitcompress.names import ANALYSIS_JSON, MODEL_FILE, OUTPUT_ROOT, PLAN_JSON, RUN_FILE, WORKDIR_NAME, model_slug, output_dir_for
 from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Plan, parse_budget
-from vitcompress.timing import compare_speed
+from vitcompress.timing import compare_speed, setting_text
 
 DEMO = "demo"
 DEMO_EPOCHS = 5  # default fine-tuning length on the demo digits (1,438 training images)
@@ -201,6 +201,9 @@ class PlanOptions:
     batch1_floor: Optional[float] = 1.0  # the least batch-1 speed-up the chosen plan's upper quartile must reach (None: not checked)
     # Steps of the probe fine-tune of each family's best plan (0: choose on training-free damage).
     probe_steps: int = 0
+    # When no plan meets the budget: go on with the fastest one (with a warning) instead of failing
+    # before anything is fine-tuned or written, as `vitcompress plan` does.
+    allow_below_budget: bool = False
 
 
 PROBE_IMAGES = 512  # training images held out of the probes' training data, to measure them on
@@ -248,7 +251,10 @@ def _analysis_and_plan(
     if options.probe_steps > 0:
         made = _probe(teacher, made, train, options.probe_steps, cfg or FinetuneConfig(), result.attention_means, log)
     if not budget_met(made):
-        log(f"warning: {unreachable_message(made)}")
+        if not options.allow_below_budget:
+            raise VitcompressError(f"{unreachable_message(made)}: ask for a smaller budget, or pass "
+                                   f"--allow-below-budget to compress with this plan")
+        log(f"warning: {unreachable_message(made)}; going on with it (--allow-below-budget)")
     path = save_plan(made, inputs.out_dir / PLAN_JSON)
     kind = "measured" if made.measured.get("speedup") is not None else "predicted"
     log(f"plan written to {path}: {made.describe()}, {kind} speed-up {plan_speedup(made):.2f}x")
@@ -471,8 +477,8 @@ def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: 
         result.speedup = compare_speed(teacher, student, input_size, device=device,
                                        batch_size=int(deployment.get("batch_size", 32)),
                                        threads=deployment.get("threads")).to_dict()
-        log(f"speed-up {result.speedup['speedup']:.2f}x (batch {result.speedup.get('batch_size')}, "
-            f"{result.speedup.get('threads')} threads, {result.speedup.get('device')})")
+        s = result.speedup
+        log(f"speed-up {s['speedup']:.2f}x ({setting_text(s.get('batch_size'), s.get('threads'), s.get('device'))})")
     metadata = {
         "model": spec.to_dict(),
         "data_config": spec.data_config,

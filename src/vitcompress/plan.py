@@ -683,8 +683,9 @@ def _confirm(chosen: Candidate, candidates: list[Candidate], damages: _Damages, 
     """Time the chosen plan again, longer; while that falls short of the budget, search again, now
     asking a search timing to reach the budget itself rather than come within the tolerance (the
     plans just inside it are the ones that fall short when timed long; on a busy machine the
-    search otherwise kept choosing them). After ``REPORT_RETRIES`` the last choice stands with its
-    long timing, and the plan says whether it meets the budget."""
+    search otherwise kept choosing them). After ``REPORT_RETRIES``, or at once when the budget is
+    out of reach of every plan (``_out_of_reach``: each search would time a slower plan), the
+    last choice stands with its long timing, and the plan says whether it meets the budget."""
     for attempt in range(REPORT_RETRIES + 1):
         if chosen.speed is None:
             return chosen  # the fallback's untimed fastest plan: nothing to confirm
@@ -692,9 +693,19 @@ def _confirm(chosen: Candidate, candidates: list[Candidate], damages: _Damages, 
             _retime(chosen, speeds, say)
         if _candidate_meets(chosen, chosen.speed.speedup, target) or attempt == REPORT_RETRIES:
             return chosen
+        stricter = target / (1 - MEASURED_TOLERANCE)
+        if _out_of_reach(candidates, speeds, stricter):
+            return chosen  # a search would only time slower plans
         say("the longer timing falls short of the budget: searching again with it")
-        chosen = _search(candidates, damages, speeds, target / (1 - MEASURED_TOLERANCE), True, measured, say)
+        chosen = _search(candidates, damages, speeds, stricter, True, measured, say)
     return chosen
+
+
+def _out_of_reach(candidates: Sequence[Candidate], speeds: _Speeds, target: float) -> bool:
+    """Whether no candidate would reach ``target`` even at the best measured/FLOP ratio of any
+    timing so far (optimistic on purpose: one short timing must not rule out a search)."""
+    ratio = max(t.speed.speedup / t.flop_speedup for t in speeds.timed)  # type: ignore[union-attr]
+    return max(c.flop_speedup for c in candidates) * ratio < target
 
 
 def _measured(candidates: Sequence[Candidate]) -> list[Candidate]:

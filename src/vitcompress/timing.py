@@ -200,6 +200,11 @@ class SpeedComparison:
         return asdict(self)
 
 
+def setting_text(batch_size: Any, threads: Any, device: Any) -> str:
+    """Where a timing ran, as the reports print it: "batch 32, 1 thread, cpu"."""
+    return f"batch {batch_size}, {threads} thread{'' if threads == 1 else 's'}, {device}"
+
+
 MIN_ROUNDS, MAX_ROUNDS = 10, 200
 
 
@@ -244,5 +249,5 @@ def compare_speed(
 
 __all__ = [
     "Clock", "SpeedComparison", "Stats", "compare_speed", "steady_allocator", "device_sync", "gc_paused", "interleaved_order",
-    "measure_interleaved", "quantile", "speedup", "torch_threads",
+    "measure_interleaved", "quantile", "setting_text", "speedup", "torch_threads",
 ]  # fmt: skip

@@ -261,6 +261,11 @@ SlowerAtBatch1Opt = Annotated[
                       "there, its timing's upper quartile below 1.0x, e.g. from token merging's per-block "
                       "overhead, is set aside for the best one that is not)."),
 ]
+AllowBelowOpt = Annotated[
+    bool,
+    typer.Option("--allow-below-budget",
+                 help="If no plan meets the budget, go on with the fastest one (by default this is an error, exit 2)."),
+]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: up to 4).")]
 
 

@@ -13,6 +13,7 @@ from vitcompress.cli._app import app
 from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, SEARCH_IMAGES
 from vitcompress.errors import VitcompressError
 from vitcompress.cli._common import (
+    AllowBelowOpt,
     CheckpointOpt,
     DataOpt,
     ImageColumnOpt,
@@ -99,6 +100,7 @@ def compress_command(
     tome_r: Annotated[Optional[int], typer.Option("--tome-r", min=1, help="Token merging with r tokens merged per block (implies --method tome; skips planning).")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=0, help=f"Training images the planner measures damage on (its search uses the first {SEARCH_IMAGES}; 0: analysis proxy).")] = DEFAULT_CALIBRATION_IMAGES,
     plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,
+    allow_below_budget: AllowBelowOpt = False,
     allow_slower_at_batch_1: SlowerAtBatch1Opt = False,
     probe_steps: Annotated[int, typer.Option("--probe-steps", min=0, help="Probe-fine-tune the best plan of each family (static attention, GLAD, both, token merging) for this many steps and keep the one least damaged after it (0: choose on training-free damage).")] = 0,
     no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Plan from FLOPs only (no timing).")] = False,
@@ -130,7 +132,7 @@ def compress_command(
 
     planning = PlanOptions(method="tome" if tome_r is not None else method, calibration_images=calibration_images,
                            batch_size=plan_batch_size, threads=threads, probe_steps=probe_steps,
-                           batch1_floor=None if allow_slower_at_batch_1 else 1.0)
+                           batch1_floor=None if allow_slower_at_batch_1 else 1.0, allow_below_budget=allow_below_budget)
     result = compress(
         model, budget, data=data, split=split, val_split=val_split, image_column=image_column, label_column=label_column,
         analysis=analysis, plan=plan, finetune=not no_finetune, config=config, output=output, force=force,
@@ -222,6 +224,7 @@ def _check_compress_args(budget: str, method: str, plan: Optional[Path], tome_r:
 
 def _print_result(result: Any, as_json: bool) -> None:
     from vitcompress.finetune import dist_info
+    from vitcompress.timing import setting_text
 
     if not dist_info().is_main:
         return  # under torchrun, rank 0 reports
@@ -245,8 +248,7 @@ def _print_result(result: Any, as_json: bool) -> None:
     if result.speedup:
         s = result.speedup
         spread = f", quartiles {s['speedup_q25']:.2f}-{s['speedup_q75']:.2f}" if "speedup_q25" in s else ""
-        table.add_row("measured speed-up", f"{s['speedup']:.2f}x (batch {s.get('batch_size')}, {s.get('threads')} threads, "
-                      f"{s.get('device')}{spread})")
+        table.add_row("measured speed-up", f"{s['speedup']:.2f}x ({setting_text(s.get('batch_size'), s.get('threads'), s.get('device'))}{spread})")
     table.add_row("output", str(result.output))
     out.print(table)
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from vitcompress.cli._app import app
 from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, SEARCH_IMAGES
 from vitcompress.cli._common import (
+    AllowBelowOpt,
     BatchSizeOpt,
     CheckpointOpt,
     DataOpt,
@@ -55,10 +56,6 @@ CalibOpt = Annotated[
                  f"first {SEARCH_IMAGES}, neighbouring plans are told apart on all of them; 0: use the analysis proxy."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for plan.json (default ./vitcompress-out/<model>/).")]
-AllowBelowOpt = Annotated[
-    bool,
-    typer.Option("--allow-below-budget", help="If the budget cannot be met, write the fastest plan anyway (exit 0)."),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
@@ -171,6 +168,7 @@ def _find_analysis(analysis: Optional[Path], folder: Path) -> Any:
 
 def _print_plan(name: str, plan: Any, analysis: Any) -> None:
     from vitcompress.plan import noisy_timing_message
+    from vitcompress.timing import setting_text
 
     p, m = plan.predicted, plan.measured
     table = Table(title=f"plan for {name}: budget {plan.budget} ({plan.method})")
@@ -208,7 +206,7 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
     if m.get("speedup") is not None:
         d, s = m["deployment"], m["speed"]
         _say(f"speed-up: {p['speedup']:.2f}x predicted, {m['speedup']:.2f}x measured (quartiles {s['speedup_q25']:.2f}-"
-             f"{s['speedup_q75']:.2f}; batch {d['batch_size']}, {d['threads']} threads, {d['device']}; "
+             f"{s['speedup_q75']:.2f}; {setting_text(d['batch_size'], d['threads'], d['device'])}; "
              f"{len(m['timed'])} candidate(s) timed); budget {plan.budget} ({p['target_speedup']:.2f}x): {status}")
         for tie in m.get("near_ties", []):
             _say(f"[yellow]near-tie:[/] {tie['plan']} is less damaging (KL {tie['kl_less']:.4f} less, standard error "
