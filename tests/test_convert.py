@@ -215,6 +215,15 @@ def test_plan_for_another_model_is_refused():
         validate_plan(model, plan)
 
 
+def test_a_hand_written_plan_without_its_model_is_told_what_to_add():
+    model = make_model()
+    plan = Plan.from_dict({"static_layers": [1]})  # no num_blocks, grid or prefix: from_dict's defaults
+    with pytest.raises(VitcompressError, match=r'no num_blocks.*"num_blocks": 4, "grid": \[8, 8\], "num_prefix_tokens": 1'):
+        validate_plan(model, plan)
+    fixed = Plan.from_dict({"static_layers": [1], "num_blocks": 4, "grid": [8, 8], "num_prefix_tokens": 1})
+    validate_plan(model, fixed)  # what the message says to add is enough
+
+
 def test_bad_attention_means_are_refused():
     model = make_model()
     plan = make_plan(model, [1])

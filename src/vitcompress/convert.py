@@ -107,6 +107,11 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
     depth, grid, prefix = geom.depth, geom.grid, geom.num_prefix_tokens
     if static_attention_modules(model) or glad_modules(model):
         raise VitcompressError("the model is already converted: convert the original (uncompressed) model")
+    if plan.num_blocks == 0:  # a hand-written plan: Plan.from_dict's default, not a real depth
+        raise VitcompressError(
+            f"the plan does not say which model it is for (no num_blocks): make it with `vitcompress plan`, or add "
+            f'"num_blocks": {depth}, "grid": [{grid[0]}, {grid[1]}], "num_prefix_tokens": {prefix} for this model'
+        )
     if plan.num_blocks != depth or tuple(plan.grid) != grid or plan.num_prefix_tokens != prefix:
         raise VitcompressError(
             f"the plan was made for a model with {plan.num_blocks} blocks, a {_fmt(plan.grid)} grid and "
