@@ -148,6 +148,21 @@ def load_setup(model: str, data: str, val_images: int) -> tuple[Any, Any, Any, l
     return teacher, train, val, _cached(val), _cached(test)
 
 
+def calibration_setup(model: str, data: str) -> tuple[Any, Any]:
+    """The teacher (eval mode) and a ``DamageMeter`` on `compress`'s calibration sample of the
+    training split: what the training-free benchmarks start from."""
+    from vitcompress.damage import DamageMeter
+    from vitcompress.data import load_train_val
+    from vitcompress.models import load_model
+    from vitcompress.pipeline import calibration_images
+    from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES
+
+    teacher, spec = load_model(model)
+    teacher.eval()
+    train, _ = load_train_val(data, spec.data_config)
+    return teacher, DamageMeter(teacher, calibration_images(train, DEFAULT_CALIBRATION_IMAGES))
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -52,11 +52,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def read_plans(specs: list[str], teacher: Any) -> dict[str, Any]:
     from vitcompress._io import read_json
     from vitcompress.cost import model_geometry
-    from vitcompress.plan_types import Plan
+    from vitcompress.plan_types import PLAN_VERSION, Plan
 
     geom = model_geometry(teacher)
+    # A spec's fields are a plan as made today (a plan.json keeps the version it was written with).
     base = {"static_layers": [], "num_blocks": geom.depth, "num_prefix_tokens": geom.num_prefix_tokens,
-            "grid": list(geom.grid)}
+            "grid": list(geom.grid), "version": PLAN_VERSION}
     plans = {}
     for spec in specs:
         name, _, text = spec.partition("=")

@@ -10,37 +10,32 @@ calibration images, and the speed-up against the original (1 thread, 6 s per tim
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frontier import DATA, TEACHER, calibration_setup  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops", type=float, nargs="+", default=[2.0, 2.5])
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'cifar10-vit12-d96'}")
-    parser.add_argument("--data", default=str(SHARED / "data" / "cifar10"))
+    parser.add_argument("--model", default=f"local-dir:{TEACHER}")
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     from vitcompress.convert import convert
     from vitcompress.cost import flop_speedup, model_geometry
-    from vitcompress.damage import DamageMeter
-    from vitcompress.data import load_train_val
     from vitcompress.geometry import input_size
-    from vitcompress.models import load_model
     from vitcompress.modules.tome import SCHEDULE_KINDS, merge_schedule
-    from vitcompress.pipeline import calibration_images
-    from vitcompress.plan import DEFAULT_CALIBRATION_IMAGES, _plan
+    from vitcompress.plan import _plan
     from vitcompress.timing import compare_speed
 
     torch.set_num_threads(args.threads)
-    teacher, spec = load_model(args.model)
-    teacher.eval()
-    train, _ = load_train_val(args.data, spec.data_config)
-    meter = DamageMeter(teacher, calibration_images(train, DEFAULT_CALIBRATION_IMAGES))
+    teacher, meter = calibration_setup(args.model, args.data)
     geom, size = model_geometry(teacher), input_size(teacher)
     print(f"threads {args.threads}")
     for target in args.flops:

@@ -290,6 +290,17 @@ def test_static_layers_before_merging_are_kept() -> None:
     assert out(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
+@pytest.mark.parametrize("metric", ["tokens", "keys"])
+def test_merging_matches_on_the_plans_metric(metric: str) -> None:
+    model = tiny_vit(img_size=64)
+    plan = Plan(num_blocks=4, num_prefix_tokens=1, grid=(8, 8), merge_r=[8, 4, 0, 0], tome_metric=metric)
+    out = convert(model, plan)
+    assert [blk.tome_metric for blk in out.blocks] == [metric] * 4
+    other = convert(model, Plan.from_dict({**plan.to_dict(), "tome_metric": "keys" if metric == "tokens" else "tokens"}))
+    x = torch.randn(2, 3, 64, 64)
+    assert (out(x) - other(x)).abs().max() > 1e-6  # the metric reaches the forward
+
+
 def test_glad_hands_token_sizes_to_the_blocks_after_it() -> None:
     from vitcompress.modules.tome import token_size
 

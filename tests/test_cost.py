@@ -3,6 +3,8 @@ the ones counted on converted models."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,6 +49,7 @@ def _plans_for(model: torch.nn.Module) -> dict[str, Plan]:
         "adaptive glad": _plan_for(model, glad_mode="adaptive"),
         "simplex glad": _plan_for(model, glad_mode="simplex"),
         "tome constant": tome_plan(model, 2),
+        "tome on the keys": dataclasses.replace(tome_plan(model, 2), tome_metric="keys"),
         "tome decreasing": tome_plan(model, 5, kind="decreasing"),
         "tome clipped": tome_plan(model, 40),  # more than the later blocks can merge: clipped
         "static then tome": _plan_for(model, static_layers=[0], reductions=[], merge_r=[0, 6, 5, 4, 3, 0]),
@@ -71,11 +74,12 @@ def test_token_merging_costs_attention_on_n_matching_then_mlp_on_n_minus_r() -> 
     block = model_geometry(model).blocks[0]
     c, d, n, r = 32, 16, 65, 7
     attention = n * 4 * c * c + 2 * n * n * c
-    matching = 32 * 32 * d  # A and B: 32 patch tokens each, similarity on the keys averaged over heads
-    assert merge_macs(n, 1, d) == matching and merge_macs(n + 1, 1, d) == 33 * 32 * d
+    matching = 32 * 32 * c  # A and B: 32 patch tokens each, similarity on the tokens themselves
+    assert merge_macs(n, 1, c) == matching and merge_macs(n + 1, 1, c) == 33 * 32 * c
     assert block.macs(n, merge=r) == attention + matching + (n - r) * 8 * c * c
+    assert block.macs(n, merge=r, metric="keys") == attention + 32 * 32 * d + (n - r) * 8 * c * c  # keys: head dim
     assert block.macs(n, merge=0) == block.macs(n)  # r = 0: no matching either
-    assert block.macs(n, merge=r, num_prefix_tokens=2) == attention + 32 * 31 * d + (n - r) * 8 * c * c
+    assert block.macs(n, merge=r, num_prefix_tokens=2) == attention + 32 * 31 * c + (n - r) * 8 * c * c
 
 
 def test_merging_layout_follows_the_schedule() -> None:

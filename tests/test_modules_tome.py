@@ -63,8 +63,8 @@ def num_tokens(model: nn.Module) -> int:
     return TOKENS + model.num_prefix_tokens
 
 
-def patched(model: nn.Module, schedule) -> nn.Module:
-    return patch_tome(copy.deepcopy(model), schedule)
+def patched(model: nn.Module, schedule, metric: str = "tokens") -> nn.Module:
+    return patch_tome(copy.deepcopy(model), schedule, metric=metric)
 
 
 # ----------------------------------------------------------------------------- hand-written reference
@@ -80,10 +80,10 @@ def reference_attention(attn: Attention, x: torch.Tensor, size: torch.Tensor):
     return attn.proj(attn.norm(out)), k.mean(dim=1)
 
 
-def reference_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, prefix: int):
-    """Bipartite soft matching + size-weighted mean, one image at a time with Python lists."""
+def reference_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, prefix: int):
+    """Bipartite soft matching on ``metric`` + size-weighted mean, one image at a time with Python lists."""
     out_x, out_s = [], []
-    for xb, sb, kb in zip(x, size, keys):
+    for xb, sb, kb in zip(x, size, metric):
         n = xb.shape[0]
         set_a, set_b = list(range(prefix, n, 2)), list(range(prefix + 1, n, 2))
         unit = kb / kb.norm(dim=-1, keepdim=True)
@@ -105,8 +105,10 @@ def reference_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: 
     return torch.stack(out_x), torch.stack(out_s)
 
 
-def reference_forward(model: nn.Module, x: torch.Tensor, schedule, use_layerscale: bool = True, stage_at=None):
-    """ToMe forward of a timm ViT written from the paper; ``stage_at[i](x, size) -> (x, size)`` runs before block i."""
+def reference_forward(model: nn.Module, x: torch.Tensor, schedule, use_layerscale: bool = True, stage_at=None,
+                      metric: str = "tokens"):
+    """ToMe forward of a timm ViT written from the paper, matching on the tokens where they are merged
+    (``metric="tokens"``) or on the keys (the paper's); ``stage_at[i](x, size) -> (x, size)`` runs before block i."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
     for i, (blk, r) in enumerate(zip(model.blocks, schedule)):
@@ -117,7 +119,7 @@ def reference_forward(model: nn.Module, x: torch.Tensor, schedule, use_layerscal
         attn_out, keys = reference_attention(blk.attn, blk.norm1(x), size)
         x = x + ls1(attn_out)
         if r:
-            x, size = reference_merge(x, size, keys, r, model.num_prefix_tokens)
+            x, size = reference_merge(x, size, keys if metric == "keys" else x, r, model.num_prefix_tokens)
         x = x + ls2(blk.mlp(blk.norm2(x)))
     return model.forward_head(model.norm(x))
 
@@ -149,6 +151,22 @@ def test_merging_forward_equals_hand_written_reference(variant):
     schedule = r_schedule(4, 12, num_tokens(model), model.num_prefix_tokens, "decreasing")
     with torch.no_grad():
         torch.testing.assert_close(patched(model, schedule)(x), reference_forward(model, x, schedule), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["deit", "deit3", "registers"])
+def test_merging_on_the_keys_equals_the_reference_and_differs_from_the_tokens(variant):
+    model = make_model(variant)
+    x = images()
+    schedule = r_schedule(4, 12, num_tokens(model), model.num_prefix_tokens, "decreasing")
+    with torch.no_grad():
+        on_keys = patched(model, schedule, metric="keys")(x)
+        torch.testing.assert_close(on_keys, reference_forward(model, x, schedule, metric="keys"), atol=1e-10, rtol=0)
+        assert (on_keys - patched(model, schedule)(x)).abs().max() > 1e-6  # the two metrics match differently
+
+
+def test_an_unknown_metric_is_refused():
+    with pytest.raises(VitcompressError, match="metric 'values' is not one of tokens, keys"):
+        patch_tome(make_model(), [4, 0, 0, 0], metric="values")
 
 
 def test_layerscale_is_honoured():

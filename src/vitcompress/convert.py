@@ -69,7 +69,7 @@ def convert(
         from vitcompress.modules.tome import patch_tome
 
         # Size-aware blocks: token merging's, or (r = 0) the blocks that weigh GLAD's tokens by size.
-        patch_tome(target, plan.merges())
+        patch_tome(target, plan.merges(), metric=plan.tome_metric)
     return target
 
 

@@ -47,15 +47,17 @@ class BlockGeometry:
     mlp_macs: int  # per token: every Linear of the MLP
     qk_params: int  # parameters DGSSA drops: q/k rows of qkv (+ bias) and q_norm/k_norm
 
-    def macs(self, tokens: int, static: bool = False, merge: int = 0, num_prefix_tokens: int = 1) -> int:
+    def macs(self, tokens: int, static: bool = False, merge: int = 0, num_prefix_tokens: int = 1,
+             metric: str = "tokens") -> int:
         """Multiply-adds per image of this block when its attention runs on ``tokens`` tokens and
-        it then merges ``merge`` of them (its MLP runs on ``tokens - merge``)."""
+        it then merges ``merge`` of them, matching on ``metric`` (its MLP runs on ``tokens - merge``)."""
         n, a, c = int(tokens), self.attn_dim, self.embed_dim
         if static:
             attention = n * (self.attn_linear_macs - 2 * a * c) + n * n * a
         else:
             attention = n * self.attn_linear_macs + 2 * n * n * a
-        matching = merge_macs(n, num_prefix_tokens, a // self.num_heads) if merge > 0 else 0
+        metric_dim = a // self.num_heads if metric == "keys" else c  # keys averaged over heads, or the tokens
+        matching = merge_macs(n, num_prefix_tokens, metric_dim) if merge > 0 else 0
         return attention + matching + (n - merge) * self.mlp_macs
 
     def static_params_delta(self, tokens: int) -> int:
@@ -149,7 +151,8 @@ def _fixed_macs(model: nn.Module, grid: tuple[int, int]) -> int:
 def merge_macs(tokens: int, num_prefix_tokens: int, metric_dim: int) -> int:
     """Multiply-adds of token merging's bipartite matching: the similarity of every token of set
     A with every token of set B (the tokens after the prefix, alternating), on the matching metric
-    of ``metric_dim`` features (``modules.tome``: the keys averaged over heads, so the head dim)."""
+    of ``metric_dim`` features (``modules.tome``: the tokens, so the embedding width, or the keys
+    averaged over heads, so the head dim)."""
     m = tokens - num_prefix_tokens
     return ((m + 1) // 2) * (m // 2) * metric_dim
 
@@ -162,6 +165,7 @@ class Layout:
     blocks: tuple[tuple[str, int, int], ...]
     glads: tuple[tuple[int, tuple[int, ...], tuple[Grid, ...]], ...]  # (before_block, scales, input grids)
     glad_mode: str = "linear"
+    tome_metric: str = "tokens"
 
 
 def plan_layout(geom: ModelGeometry, plan: Plan) -> Layout:
@@ -180,14 +184,15 @@ def plan_layout(geom: ModelGeometry, plan: Plan) -> Layout:
         in_grids = tuple((s, s) for s in r.scales)
     merges = plan.merges()
     kinds = tuple((STATIC if i in static else DYNAMIC, tokens[i], merges[i]) for i in range(geom.depth))
-    return Layout(kinds, tuple(glads), plan.glad_mode)
+    return Layout(kinds, tuple(glads), plan.glad_mode, plan.tome_metric)
 
 
 def layout_macs(geom: ModelGeometry, layout: Layout) -> int:
     """Multiply-adds per image of the whole model under ``layout``."""
     total = geom.fixed_macs
     for g, (kind, n, merge) in zip(geom.blocks, layout.blocks):
-        total += g.macs(n, static=kind == STATIC, merge=merge, num_prefix_tokens=geom.num_prefix_tokens)
+        total += g.macs(n, static=kind == STATIC, merge=merge, num_prefix_tokens=geom.num_prefix_tokens,
+                        metric=layout.tome_metric)
     for _, scales, in_grids in layout.glads:
         total += glad_macs_per_channel(scales, in_grids) * geom.embed_dim
         if layout.glad_mode == "adaptive":

@@ -193,7 +193,7 @@ class DamageMeter:
 def _plan_key(plan: Plan) -> str:
     """What a plan changes (not what was predicted or measured about it)."""
     d = plan.to_dict()
-    return json.dumps({k: d[k] for k in ("static_layers", "reductions", "merge_r", "proportional_attention", "glad_init", "glad_mode")})
+    return json.dumps({k: d[k] for k in ("static_layers", "reductions", "merge_r", "tome_metric", "proportional_attention", "glad_init", "glad_mode")})
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:

@@ -779,7 +779,8 @@ def _record(
         "base_params": geom.params, "params": plan_params(geom, plan),
         "tokens_per_block": [n for _, n, _ in layout.blocks], "block_kinds": [k for k, _, _ in layout.blocks],
         "merge_r": plan.merges(),
-        "block_flops": [2 * g.macs(n, static=k == "static", merge=m, num_prefix_tokens=geom.num_prefix_tokens)
+        "block_flops": [2 * g.macs(n, static=k == "static", merge=m, num_prefix_tokens=geom.num_prefix_tokens,
+                                   metric=layout.tome_metric)
                         for g, (k, n, m) in zip(geom.blocks, layout.blocks)],
         "speedup": speeds.predict(c) if c.speed is None else _prediction_before(c, speeds),
         "speedup_source": "flops corrected by timed candidates" if deployment is not None else "flops (not timed)",

@@ -6,8 +6,11 @@ used as is or fine-tuned (all of it is differentiable).
 
 Algorithm, per block and image (``bipartite_soft_matching`` + ``merge_wavg``):
 
-1. The metric is the block's attention keys averaged over heads: keys already summarise what a
-   token contains, and they are computed anyway.
+1. The metric is, by default (``metric="tokens"``), the tokens themselves at the point where they
+   are merged (after the block's attention): the tokens most alike in what gets averaged are the
+   ones averaged. The paper's choice, the attention keys averaged over heads, is ``metric="keys"``
+   (and what plans made before plan version 3 merge on); on the CIFAR-10 teacher the tokens
+   damaged 25-30% less at the same schedule (docs/RESULTS.md, "What token merging matches on").
 2. The tokens after the ``protected`` prefix (class, distillation, register tokens) are split
    alternately into set A (even positions) and set B (odd positions). Prefix tokens are never
    merged and stay first, in order: the head and pooling read them by position.
@@ -67,7 +70,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
-from vitcompress.plan_types import SCHEDULE_KINDS
+from vitcompress.plan_types import SCHEDULE_KINDS, TOME_METRICS
 
 
 # ----------------------------------------------------------------------------- pure tensor code
@@ -422,6 +425,7 @@ class _ToMeBlock:
 
     _tome_base: type
     tome_r: int
+    tome_metric: str
     tome_state: TokenSize
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -436,10 +440,11 @@ class _ToMeBlock:
                 f"token sizes are for {list(size.shape[:2])} tokens but this block got {list(x.shape[:2])}: "
                 f"a stage that changes the tokens must hand over their sizes with set_token_size"
             )
+        on_keys = self.tome_r > 0 and self.tome_metric == "keys"
         if is_standard_attention(self.attn):
-            x_attn, metric = _attend(self.attn, self.norm1(x), state.bias(), self.tome_r > 0)
+            x_attn, keys = _attend(self.attn, self.norm1(x), state.bias(), on_keys)
         elif size is None and self.tome_r == 0:
-            x_attn, metric = self.attn(self.norm1(x)), None
+            x_attn, keys = self.attn(self.norm1(x)), None
         else:
             raise VitcompressError(
                 f"{type(self.attn).__name__} cannot merge tokens nor weigh them by size: "
@@ -447,12 +452,12 @@ class _ToMeBlock:
             )
         x = x + self.drop_path1(self.ls1(x_attn))
         if self.tome_r > 0:
-            merge = bipartite_soft_matching(metric, self.tome_r, state.num_prefix_tokens)
+            merge = bipartite_soft_matching(keys if on_keys else x, self.tome_r, state.num_prefix_tokens)
             x, state.size = merge_wavg(merge, x, size)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def extra_repr(self) -> str:
-        return f"tome_r={self.tome_r}"
+        return f"tome_r={self.tome_r}, tome_metric={self.tome_metric}"
 
     def __reduce_ex__(self, protocol: int):  # type: ignore[no-untyped-def]
         # The patched class is made at run time, so pickle cannot find it by name: rebuild it from
@@ -491,12 +496,15 @@ def tome_schedule(model: nn.Module) -> list[int]:
     return [int(b.tome_r) if isinstance(b, _ToMeBlock) else 0 for b in _blocks_of(model)]
 
 
-def patch_tome(model: nn.Module, r_per_block: Sequence[int]) -> nn.Module:
-    """Patch a timm ``VisionTransformer`` in place to merge ``r_per_block[i]`` tokens in block ``i``.
+def patch_tome(model: nn.Module, r_per_block: Sequence[int], metric: str = "tokens") -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place to merge ``r_per_block[i]`` tokens in block ``i``,
+    matching them on ``metric`` (one of ``TOME_METRICS``, see the module docstring).
 
     Every block is patched (also those with r = 0: they apply proportional attention once sizes
-    exist). Calling it again on a patched model only changes the schedule. Returns the model.
+    exist). Calling it again on a patched model only changes the schedule and metric. Returns the model.
     """
+    if metric not in TOME_METRICS:
+        raise VitcompressError(f"token merging metric {metric!r} is not one of {', '.join(TOME_METRICS)}")
     blocks = _blocks_of(model)
     schedule = _check_schedule(blocks, r_per_block)
     state = getattr(model, "tome_state", None)
@@ -510,6 +518,7 @@ def patch_tome(model: nn.Module, r_per_block: Sequence[int]) -> nn.Module:
     for block, r in zip(blocks, schedule):
         block.__class__ = _patched_class(_base_class(block))
         block.tome_r = r
+        block.tome_metric = metric
         block.tome_state = state
     return model
 
@@ -548,6 +557,7 @@ def _check_schedule(blocks: list[nn.Module], r_per_block: Sequence[int]) -> list
 
 __all__ = [
     "SCHEDULE_KINDS",
+    "TOME_METRICS",
     "TokenMerge",
     "TokenSize",
     "bipartite_soft_matching",
