@@ -27,7 +27,7 @@ from vitcompress.names import PLAN_JSON
 SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3", "every-4", "every-6")
 # What token merging matches tokens on: "tokens", the tokens themselves where they are merged (after
 # the block's attention); "keys", the attention keys averaged over heads (the ToMe paper's choice,
-# and vitcompress's before plan version 3). On the CIFAR-10 teacher the tokens damage 25-30% less
+# and vitcompress's before plan version 3). On the CIFAR-10 teacher the tokens damage 25-34% less
 # at the same schedule, and 0.2-1.0 points more validation top-1 survive the fine-tune (docs/RESULTS.md).
 TOME_METRICS = ("tokens", "keys")
 

@@ -10,7 +10,7 @@ Algorithm, per block and image (``bipartite_soft_matching`` + ``merge_wavg``):
    are merged (after the block's attention): the tokens most alike in what gets averaged are the
    ones averaged. The paper's choice, the attention keys averaged over heads, is ``metric="keys"``
    (and what plans made before plan version 3 merge on); on the CIFAR-10 teacher the tokens
-   damaged 25-30% less at the same schedule (docs/RESULTS.md, "What token merging matches on").
+   damaged 25-34% less at the same schedule (docs/RESULTS.md, "What token merging matches on").
 2. The tokens after the ``protected`` prefix (class, distillation, register tokens) are split
    alternately into set A (even positions) and set B (odd positions). Prefix tokens are never
    merged and stay first, in order: the head and pooling read them by position.
