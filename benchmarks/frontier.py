@@ -3,12 +3,15 @@
     python benchmarks/frontier.py                      # the shared CIFAR-10 teacher (../shared), ~1 h on 2 cores
     python benchmarks/frontier.py --quick              # the built-in demo, a few minutes
 
-For every target speed-up (1.5x, 2x, 2.5x, 3x) and every method (``dgssa-glad``, ours; ``tome``,
-token merging; and the ablations ``dgssa`` and ``glad`` alone), the planner chooses the plan
-(damage measured on training images, speed measured at batch 32 with ``--threads``; for token
-merging this chooses r by measured speed-up). Each plan is evaluated training-free; the plans of
-``--finetune-methods`` (ours and token merging by default; ``auto`` and ``glad`` rows reuse them
-when they chose the same plan) also after the same fine-tune (``--steps`` distillation steps, the
+For every target speed-up (1.5x, 2x, 2.5x, 3x) and every method (``auto``, what ``compress`` ships;
+``tome``, token merging as its authors publish it, matching on the attention keys
+(``--tome-metric``); ``dgssa-glad``, ours without token merging; and the ablations ``dgssa`` and
+``glad`` alone), the planner chooses the plan (damage measured on training images, speed measured
+at batch 32 with ``--threads``; for token merging this chooses r by measured speed-up). ``auto``'s
+token-merging plans match on the tokens (vitcompress's default), so ``auto`` against ``tome`` is
+what the package adds over token merging as a user would otherwise run it. Each plan is evaluated
+training-free; the plans of ``--finetune-methods`` (``auto`` and token merging by default; the
+other rows reuse them when they chose the same plan) also after the same fine-tune (``--steps`` distillation steps, the
 recipe of ``vitcompress compress``); one extra row fine-tunes our 2x plan's static layers from uniform attention instead of the mean map (does
 inheriting the dynamic attention matter?). Then every model is timed in ONE interleaved ``bench``
 run with the original (batch 32 and batch 1, ``--threads``), so all speed-ups compare.
@@ -54,7 +57,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200,
                    help="fine-tuning steps for every fine-tuned row (0: training-free only); 200 x 64 images keeps the "
                         "whole run near an hour on 2 CPU cores")
-    p.add_argument("--finetune-methods", default="dgssa-glad,tome",
+    p.add_argument("--tome-metric", default="keys", choices=("keys", "tokens"),
+                   help="what the tome baseline's merging matches on: keys, as its authors publish it (default), "
+                        "or tokens, vitcompress's default")
+    p.add_argument("--finetune-methods", default="auto,tome",
                    help="methods whose plans are fine-tuned (the others get training-free rows; a method whose "
                         "plans equal another's shares its fine-tuned rows)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
@@ -72,7 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--render", metavar="FRONTIER_JSON", help="only re-write the CSV, table and plot of an earlier run")
     args = p.parse_args(argv)
     if args.quick:
-        args.model, args.data, args.speedups, args.methods = "demo", "demo", "2", "dgssa-glad,tome"
+        args.model, args.data, args.speedups = "demo", "demo", "2"
+        args.methods = args.finetune_methods = "auto,dgssa-glad,tome"
         args.steps, args.val_images, args.calibration_images, args.repeats = min(args.steps, 20), 200, 64, 3
         args.analysis_samples = 64
     return args
@@ -193,8 +200,10 @@ def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torc
         for target in (float(s) for s in args.speedups.split(",")):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable target is a row that says so
+                metric = args.tome_metric if method == "tome" else "tokens"
                 plan = make_plan(teacher, analysis, target, method=method, calibration=meter,
-                                 attention_means=analysis.attention_means, deployment=deployment, log=_log)
+                                 attention_means=analysis.attention_means, deployment=deployment,
+                                 tome_metric=metric, log=_log)
             _log(f"{method} {target}x: {plan.describe()} (measured {plan.measured.get('speedup') or 0:.2f}x)")
             entries.append(Entry(method, "mean-init", target, plan, convert(teacher, plan, analysis.attention_means)))
     base = next((e for e in entries if e.method == "dgssa-glad" and e.target == 2.0), None)

@@ -23,8 +23,8 @@ def test_quick_frontier_writes_rows_for_every_method_and_mode(tmp_path: Path) ->
     rows = json.loads((tmp_path / "frontier.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(report["rows"]))
     methods = {r["method"] for r in rows}
-    assert {"dgssa-glad", "tome"} <= methods
-    for method in ("dgssa-glad", "tome"):
+    assert {"auto", "dgssa-glad", "tome"} <= methods
+    for method in ("auto", "dgssa-glad", "tome"):
         for steps in (0, 2):
             for batch in (1, 32):
                 match = [r for r in rows if r["method"] == method and r["finetune_steps"] == steps
@@ -35,7 +35,11 @@ def test_quick_frontier_writes_rows_for_every_method_and_mode(tmp_path: Path) ->
     assert {"static-mean-init", "static-uniform-init"} <= variants
     assert (tmp_path / "frontier.png").stat().st_size > 0
     table = (tmp_path / "frontier.md").read_text()
-    assert "| 2x | tome |" in table and "| 2x | dgssa-glad |" in table
+    assert "| 2x | tome |" in table and "| 2x | dgssa-glad |" in table and "| 2x | auto |" in table
+    # The baseline is token merging as published: matching on the keys (auto's merging: the tokens).
+    tome = [r for r in rows if r["method"] == "tome"]
+    assert tome and all(r["plan"]["tome_metric"] == "keys" for r in tome)
+    assert all(r["plan"]["tome_metric"] == "tokens" for r in rows if r["method"] == "auto")
     header = (tmp_path / "frontier.csv").read_text().splitlines()[0].split(",")
     assert header == frontier.COLUMNS
 

@@ -120,6 +120,8 @@ def test_a_version_1_plan_reads_as_before(tmp_path: Path) -> None:
 def test_a_version_2_merging_plan_keeps_merging_on_the_keys() -> None:
     v2 = {"static_layers": [], "num_blocks": 4, "grid": [8, 8], "merge_r": [4, 0, 4, 0], "method": "tome", "version": 2}
     assert Plan.from_dict(v2).tome_metric == "keys"  # what it (and a model exported with it) was made with
+    assert Plan.from_dict(v2).describe() == "token merging r=[4, 0, 4, 0] on the keys"  # said where it differs
+    assert Plan.from_dict({**v2, "version": PLAN_VERSION}).describe() == "token merging r=[4, 0, 4, 0]"
     assert Plan().tome_metric == "tokens" and Plan.from_dict(Plan(merge_r=[4]).to_dict()).tome_metric == "tokens"
     assert Plan.from_dict({**v2, "version": PLAN_VERSION}).tome_metric == "tokens"  # a version-3 plan: the default
     with pytest.raises(VitcompressError, match="plan tome_metric 'values' is not one of tokens, keys"):

@@ -30,6 +30,7 @@ SCHEDULE_KINDS = ("constant", "decreasing", "every-2", "every-3", "every-4", "ev
 # and vitcompress's before plan version 3). On the CIFAR-10 teacher the tokens damage 25-34% less
 # at the same schedule, and 0.2-1.0 points more validation top-1 survive the fine-tune (docs/RESULTS.md).
 TOME_METRICS = ("tokens", "keys")
+DEFAULT_TOME_METRIC = "tokens"
 
 # 2: ``method``, ``merge_r`` (token merging) and ``measured`` added; version-1 plans read as before.
 # 3: ``tome_metric`` added; earlier plans (and the models exported with them) merge on the keys.
@@ -75,7 +76,7 @@ class Plan:
     budget: str | None = None
     # Tokens merged inside each block (after its attention), one entry per block; empty: none.
     merge_r: list[int] = field(default_factory=list)
-    tome_metric: str = "tokens"  # what the merging matches on (TOME_METRICS)
+    tome_metric: str = DEFAULT_TOME_METRIC  # what the merging matches on (TOME_METRICS)
     method: str = PLAN_METHOD
     # GLAD options: attention after a stage weighs each token by the patches it stands for
     # (log size added to the logits), and stages start from the mean attention instead of pooling.
@@ -118,8 +119,8 @@ class Plan:
             parts.append(f"static attention in blocks {self.static_layers}")
         if self.reductions:
             parts.append("token aggregation " + ", ".join(f"before block {r.before_block} {r.scales}" for r in self.reductions))
-        if any(self.merges()):
-            parts.append(f"token merging r={self.merges()}")
+        if any(self.merges()):  # the paper's metric named: the same r merges other tokens on the keys
+            parts.append(f"token merging r={self.merges()}" + (" on the keys" if self.tome_metric == "keys" else ""))
         return "; ".join(parts) or "no change"
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +150,7 @@ class Plan:
             budget=d.get("budget"),
             merge_r=[int(r) for r in d.get("merge_r", [])],
             # A plan from before version 3 (and the model exported with it) merged on the keys.
-            tome_metric=_choice("tome_metric", d.get("tome_metric", "tokens" if version >= 3 else "keys"), TOME_METRICS),
+            tome_metric=_choice("tome_metric", d.get("tome_metric", DEFAULT_TOME_METRIC if version >= 3 else "keys"), TOME_METRICS),
             method=method,
             proportional_attention=bool(d.get("proportional_attention", False)),
             glad_init=_choice("glad_init", d.get("glad_init", "pool"), GLAD_INITS),
@@ -270,6 +271,6 @@ def parse_budget(budget: Union[str, float, int, Budget]) -> float:
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
     "SEARCH_IMAGES",
-    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction", "SCHEDULE_KINDS", "TOME_METRICS",
+    "BUDGET_FORMS", "Budget", "DEFAULT_METHOD", "GLAD_INITS", "GLAD_MODES", "PLAN_METHOD", "METHODS", "PLAN_VERSION", "Plan", "Reduction", "SCHEDULE_KINDS", "TOME_METRICS", "DEFAULT_TOME_METRIC",
     "load_plan", "parse_budget", "save_plan",
 ]  # fmt: skip
