@@ -292,7 +292,7 @@ def _write(out: Path, report: dict[str, Any]) -> None:
     for row in report["rows"]:
         writer.writerow({**{c: ("" if row[c] is None else row[c]) for c in COLUMNS}, "plan": _describe(row["plan"])})
     write_text_atomic(out / "frontier.csv", table.getvalue())
-    write_text_atomic(out / "frontier.md", markdown_table(report))
+    write_text_atomic(out / "frontier.md", markdown_table(report) + "\n" + head_to_head(report))
     _plot(out / "frontier.png", report)
     _log(f"wrote {out / 'frontier.json'}, frontier.csv, frontier.md and frontier.png")
 
@@ -318,6 +318,39 @@ def markdown_table(report: dict[str, Any]) -> str:
         reach = "" if c.get("reached") else " (not reached)"
         lines.append(f"| {target:g}x | {method} | {variant} | {c['plan']} | {pct(c.get('free'))} | {pct(c.get('tuned'))} | "
                      f"{c.get('b32', 0):.2f}x{reach} | {c.get('b1', 0):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]:
+    """y at ``x`` on the line through ``points`` (x, y), or None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def head_to_head(report: dict[str, Any]) -> str:
+    """Ours (``auto``, else ``dgssa-glad``) against token merging, both fine-tuned, at batch 32: at
+    each of token merging's measured speed-ups, our top-1 on test and validation interpolated
+    linearly between our measured points ("not covered" outside them)."""
+    tuned = [r for r in report["rows"] if r["finetune_steps"] and r["batch_size"] == 32 and r["variant"] == "mean-init"
+             and r["speedup"] is not None]
+    ours_name = next((m for m in ("auto", "dgssa-glad") if any(r["method"] == m for r in tuned)), None)
+    tome = sorted((r for r in tuned if r["method"] == "tome"), key=lambda r: r["speedup"])
+    if ours_name is None or not tome:
+        return ""
+    ours = {_describe(r["plan"]): r for r in tuned if r["method"] == ours_name}.values()  # one point per plan
+    lines = [f"At token merging's measured speed-ups (batch 32), {ours_name} interpolated between its own points "
+             f"(both fine-tuned {report['settings']['steps']} steps):", "",
+             f"| speed-up | token merging test / val | {ours_name} test / val (interpolated) | difference test / val |",
+             "|---|---|---|---|"]
+    for r in tome:
+        test = interpolate([(o["speedup"], o["top1"]) for o in ours], r["speedup"])
+        val = interpolate([(o["speedup"], o["val_top1"]) for o in ours], r["speedup"])
+        mine = "not covered" if test is None else f"{100 * test:.2f}% / {100 * val:.2f}%"
+        diff = "-" if test is None else f"{100 * (test - r['top1']):+.2f} / {100 * (val - r['val_top1']):+.2f} pt"
+        lines.append(f"| {r['speedup']:.2f}x | {100 * r['top1']:.2f}% / {100 * r['val_top1']:.2f}% | {mine} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

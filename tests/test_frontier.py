@@ -57,3 +57,19 @@ def test_plans_finetuned_takes_recipe_changes_typed_as_the_config_fields() -> No
         plans_finetuned.recipe_overrides(plans_finetuned.parse_args(["--plan", "x={}", "--out", "u", "--set", "lr"]))
     with pytest.raises(SystemExit, match="true or false"):
         plans_finetuned.recipe_overrides(plans_finetuned.parse_args(["--plan", "x={}", "--out", "u", "--set", "amp=yes please"]))
+
+
+def test_the_head_to_head_interpolates_ours_at_token_mergings_speeds_and_says_where_it_cannot() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import frontier
+
+    assert frontier.interpolate([(2.0, 0.6), (1.0, 0.8)], 1.5) == pytest.approx(0.7)
+    assert frontier.interpolate([(1.0, 0.8), (2.0, 0.6)], 2.5) is None
+    plan = lambda r: {"static_layers": [], "merge_r": r, "num_blocks": 2, "grid": [4, 4], "method": "auto"}  # noqa: E731
+    row = lambda m, s, t, r: {"method": m, "variant": "mean-init", "finetune_steps": 5, "batch_size": 32,  # noqa: E731
+                              "speedup": s, "top1": t, "val_top1": t + 0.01, "plan": plan(r)}
+    report = {"settings": {"steps": 5}, "rows": [row("auto", 1.0, 0.8, [1, 0]), row("auto", 2.0, 0.6, [2, 0]),
+                                                 row("tome", 1.5, 0.65, [1, 1]), row("tome", 3.0, 0.5, [3, 0])]}
+    table = frontier.head_to_head(report)
+    assert "| 1.50x | 65.00% / 66.00% | 70.00% / 71.00% | +5.00 / +5.00 pt |" in table
+    assert "| 3.00x | 50.00% / 51.00% | not covered | - |" in table
