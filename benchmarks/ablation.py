@@ -4,7 +4,7 @@
     python benchmarks/ablation.py --variants glad-linear,glad-adaptive --steps 20   # a subset
 
 Each variant starts from the plan a method chose at ``--target`` in an earlier frontier run
-(``--plans``, default benchmarks/results/frontier.json: the plans are data, so the variants differ
+(``--plans``, default benchmarks/results/frontier-intel/frontier.json, the run whose dgssa-glad plans docs/RESULTS.md ablates: the plans are data, so the variants differ
 only in what the variant changes), converts the teacher, fine-tunes it for ``--steps`` steps with the
 ``vitcompress compress`` recipe (plus the variant's recipe change), and reports top-1 on the
 validation slice held out of the training split (what choices are made on) and on the test split
@@ -45,7 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=f"local-dir:{TEACHER}")
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--plans", default="benchmarks/results/frontier.json", help="frontier.json the base plans come from")
+    p.add_argument("--plans", default="benchmarks/results/frontier-intel/frontier.json", help="frontier.json the base plans come from")
     p.add_argument("--target", type=float, default=2.0)
     p.add_argument("--variants", default="tome,glad-linear,glad-simplex,glad-adaptive,glad-adaptive-lr10,glad-linear-lr10")
     p.add_argument("--steps", type=int, default=100)
