@@ -188,6 +188,7 @@ def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torc
     from vitcompress.convert import convert
     from vitcompress.damage import DamageMeter
     from vitcompress.plan import Deployment, make_plan
+    from vitcompress.plan_types import DEFAULT_TOME_METRIC
 
     torch.set_num_threads(args.threads)  # the planner times candidates: the deployment's threads
     # The frontier compares at batch 32 (batch-1 speed-ups are reported beside it): no batch-1 floor,
@@ -200,7 +201,7 @@ def _plan_all(args: argparse.Namespace, teacher: Any, analysis: Any, calib: torc
         for target in (float(s) for s in args.speedups.split(",")):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable target is a row that says so
-                metric = args.tome_metric if method == "tome" else "tokens"
+                metric = args.tome_metric if method == "tome" else DEFAULT_TOME_METRIC
                 plan = make_plan(teacher, analysis, target, method=method, calibration=meter,
                                  attention_means=analysis.attention_means, deployment=deployment,
                                  tome_metric=metric, log=_log)
