@@ -45,3 +45,9 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never reach the network; make hub lookups fail fast the same way on every machine.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _time_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh timing process per plan costs ~2 s of start-up; tests/test_timing.py tests the worker.
+    monkeypatch.setenv("VITCOMPRESS_TIMING", "in-process")

@@ -13,6 +13,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.timing import (
     SpeedComparison,
     Stats,
+    TimingWorker,
     compare_speed,
     device_sync,
     gc_paused,
@@ -159,3 +160,55 @@ def test_steady_allocator_pins_glibc_thresholds_once_and_timing_pins_them(monkey
 def test_the_setting_text_says_thread_or_threads() -> None:
     assert setting_text(32, 1, "cpu") == "batch 32, 1 thread, cpu"
     assert setting_text(1, 2, "cuda:0") == "batch 1, 2 threads, cuda:0"
+
+
+# ---- a fresh process to time in --------------------------------------------------------------
+def test_the_worker_times_in_another_process_and_reports_the_same_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vitcompress.convert import convert
+    from vitcompress.plan_types import Plan, Reduction
+
+    monkeypatch.delenv("VITCOMPRESS_TIMING")
+    teacher = tiny_vit(num_classes=10)
+    student = convert(teacher, Plan(reductions=[Reduction(2, [2, 1])], num_blocks=4, num_prefix_tokens=1, grid=(4, 4)))
+    told: list[str] = []
+    with TimingWorker(on_fallback=told.append) as worker:
+        result = worker.compare(teacher, student, (3, 32, 32), batch_size=2, rounds=5)
+        again = worker.compare(teacher, teacher, (3, 32, 32), batch_size=1, rounds=3)  # the original sent once
+        pid = worker._proc.pid  # type: ignore[union-attr]
+        proc = worker._proc
+    assert told == [] and worker.fallback is None and pid != os.getpid()
+    assert proc.poll() is not None  # closed with the block
+    assert isinstance(result, SpeedComparison) and (result.batch_size, result.rounds, result.device) == (2, 5, "cpu")
+    assert result.threads == torch.get_num_threads()  # this process's threads, not the worker's default
+    assert result.speedup_q25 <= result.speedup <= result.speedup_q75 and again.speedup > 0
+    with TimingWorker() as worker, pytest.raises(VitcompressError, match="--threads must be at least 1"):
+        worker.compare(teacher, student, (3, 32, 32), batch_size=1, rounds=3, threads=-1)
+
+
+class _Local(torch.nn.Module):  # a class the worker cannot import (tests/ is not on its path)
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_a_model_the_worker_cannot_rebuild_is_timed_here_and_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VITCOMPRESS_TIMING")
+    monkeypatch.setenv("PYTHONPATH", "")
+    told: list[str] = []
+    with TimingWorker(on_fallback=told.append) as worker:
+        for _ in range(2):
+            result = worker.compare(_Local(), _Local(), (3, 4, 4), batch_size=1, rounds=3, threads=1)
+            assert result.rounds == 3
+    assert len(told) == 1 and "cannot be rebuilt in a fresh process" in told[0] and "test_timing" in told[0]
+
+
+def test_in_process_timing_is_chosen_by_the_environment() -> None:
+    teacher = tiny_vit(num_classes=10)
+    worker = TimingWorker()  # conftest sets VITCOMPRESS_TIMING=in-process
+    assert worker.compare(teacher, teacher, (3, 32, 32), batch_size=1, rounds=3).rounds == 3
+    assert worker._proc is None and worker.fallback == "VITCOMPRESS_TIMING=in-process"

@@ -11,7 +11,7 @@ and attention means to the others, all processes fine-tune together, and rank 0 
 
 Messages go to ``log`` (default: printed on stderr). When ``log`` also has a
 ``progress(done, total, text)`` method (the CLI's ``note`` has), the analysis and the fine-tuning
-report their progress through it. The exported file's ``speedup`` is ``timing.compare_speed``'s.
+report their progress through it. The exported file's ``speedup`` is ``timing.compare_speed``'s, run in a fresh process (``TimingWorker``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from vitcompress.errors import DataError, Interrupted, VitcompressError
 from vitcompress.finetune import FinetuneConfig, FinetuneResult
 from vitcompress.names import ANALYSIS_JSON, MODEL_FILE, OUTPUT_ROOT, PLAN_JSON, RUN_FILE, WORKDIR_NAME, model_slug, output_dir_for
 from vitcompress.plan_types import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Plan, parse_budget
-from vitcompress.timing import compare_speed, setting_text
+from vitcompress.timing import TimingWorker, setting_text
 
 DEMO = "demo"
 DEMO_EPOCHS = 5  # default fine-tuning length on the demo digits (1,438 training images)
@@ -471,12 +471,14 @@ def _measure_and_export(teacher: nn.Module, student: nn.Module, spec: Any, run: 
     student.eval()
     input_size = geometry_input_size(student, spec.data_config)
     if measure_speed:
-        # Timed as the planner timed it (the plan's deployment: batch size and threads), so the
-        # speed-up stored in the file compares with the one the plan printed.
+        # Timed as the planner timed it (the plan's deployment: batch size and threads, in a fresh
+        # process: this one has just fine-tuned), so the speed-up stored in the file compares with
+        # the one the plan printed and with `bench`'s.
         deployment = result.plan.measured.get("deployment") or {}
-        result.speedup = compare_speed(teacher, student, input_size, device=device,
-                                       batch_size=int(deployment.get("batch_size", 32)),
-                                       threads=deployment.get("threads")).to_dict()
+        with TimingWorker(on_fallback=log) as worker:
+            result.speedup = worker.compare(teacher, student, input_size, device=device,
+                                            batch_size=int(deployment.get("batch_size", 32)),
+                                            threads=deployment.get("threads")).to_dict()
         s = result.speedup
         log(f"speed-up {s['speedup']:.2f}x ({setting_text(s.get('batch_size'), s.get('threads'), s.get('device'))})")
     metadata = {

@@ -55,7 +55,7 @@ from vitcompress.plan_types import (  # re-exported: the plan types live in plan
     parse_budget,
     save_plan,
 )
-from vitcompress.timing import SpeedComparison, compare_speed
+from vitcompress.timing import SpeedComparison, TimingWorker
 
 Log = Callable[[str], None]
 
@@ -369,9 +369,13 @@ def _device(name: str) -> torch.device:
 class _Speeds:
     """Measured speed-ups of whole candidates, and predictions for the untimed ones."""
 
-    def __init__(self, model: nn.Module, deployment: Optional[Deployment], means: Optional[Mapping[int, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, deployment: Optional[Deployment], means: Optional[Mapping[int, torch.Tensor]],
+                 say: Optional[Log] = None) -> None:
         self.deployment, self.means = deployment, means
         self.timed: list[Candidate] = []
+        # Timed in a fresh process: this one measures damage on thousands of images first, after
+        # which merged models timed up to 15% slower than in `bench` (timing.TimingWorker).
+        self.worker = TimingWorker(on_fallback=say)
         if deployment is not None:
             # A copy on the deployment's device: moving the caller's model (``.to`` is in place)
             # would also move the one the damage is measured with, away from its images.
@@ -393,8 +397,8 @@ class _Speeds:
         d = self.deployment
         assert d is not None
         student = convert(self.model, plan, self.means).eval()
-        return compare_speed(self.model, student, self.size, batch_size=batch_size or d.batch_size, threads=d.threads,
-                             device=d.device, seconds=seconds or d.seconds)
+        return self.worker.compare(self.model, student, self.size, batch_size=batch_size or d.batch_size, threads=d.threads,
+                                   device=d.device, seconds=seconds or d.seconds)
 
     def time(self, c: Candidate) -> SpeedComparison:
         c.speed = self.measure(c.plan)
@@ -457,44 +461,45 @@ def make_plan(
     geom = model_geometry(model)
     scores, selection = layer_scores(analysis, geom.depth, geom.num_tokens)
     deployment = deployment or Deployment()
-    speeds = _Speeds(model, deployment if measure_speed else None, attention_means)
-    meter = calibration if isinstance(calibration, DamageMeter) else None
-    if calibration is not None and meter is None:
-        meter = DamageMeter(model, calibration, attention_means)
-    if meter is not None:
-        say(f"measuring damage on {meter.count} calibration images (the search ranks on the first {meter.search_count})")
-    damages = _Damages(geom, meter, scores)
-    static_order = _static_order(geom, damages, scores, method)
-    candidates = _candidates(geom, method, static_order, max_stages, tome_metric)
-    if not candidates:
-        raise VitcompressError(f"method {method} has no candidate plans for this model")
-    say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
-        if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
-    chosen = _choose(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
-    timing = deployment if measure_speed else None
-    slower: list[Candidate] = []
-    if timing is not None and not chosen.plan.is_empty():
-        chosen, slower = _batch1_floor(chosen, candidates, damages, speeds, target.speedup, meter is not None, say)
-    aside = frozenset(c.speed_class for c in slower)
-    plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter, aside)
-    noisy = noisy_timing_message(plan)
-    if noisy:
-        say(f"warning: {noisy}")
-    if timing is not None and not plan.is_empty():
-        plan.measured["batch1"] = (chosen.batch1 or chosen.speed).to_dict()  # type: ignore[union-attr]
-        plan.measured["slower_at_batch1"] = [_set_aside(c) for c in slower]
-        plan.measured["batch1_within_spread"] = within_floor_spread(chosen.batch1 or chosen.speed, timing.batch1_floor)  # type: ignore[arg-type]
-    if shortlist:
-        # The probe chooses among these: what the batch-1 floor set aside (or would) stays out.
-        pool = [c for c in candidates if c.speed_class not in aside]
-        others = _family_bests(chosen, pool, damages, speeds, target.speedup, measure_speed, meter is not None, say)
-        if timing is not None and timing.batch1_floor is not None:
-            others = [c for c in others if _fast_at_batch1(c, speeds)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            listed = [_record(geom, c, candidates, damages, speeds, target, timing, selection, meter) for c in others]
-        plan.measured["shortlist"] = [p.to_dict() for p in listed]
-    return plan
+    speeds = _Speeds(model, deployment if measure_speed else None, attention_means, say)
+    with speeds.worker:  # the timing process ends with the search, also on an error
+        meter = calibration if isinstance(calibration, DamageMeter) else None
+        if calibration is not None and meter is None:
+            meter = DamageMeter(model, calibration, attention_means)
+        if meter is not None:
+            say(f"measuring damage on {meter.count} calibration images (the search ranks on the first {meter.search_count})")
+        damages = _Damages(geom, meter, scores)
+        static_order = _static_order(geom, damages, scores, method)
+        candidates = _candidates(geom, method, static_order, max_stages, tome_metric)
+        if not candidates:
+            raise VitcompressError(f"method {method} has no candidate plans for this model")
+        say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
+            if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
+        chosen = _choose(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
+        timing = deployment if measure_speed else None
+        slower: list[Candidate] = []
+        if timing is not None and not chosen.plan.is_empty():
+            chosen, slower = _batch1_floor(chosen, candidates, damages, speeds, target.speedup, meter is not None, say)
+        aside = frozenset(c.speed_class for c in slower)
+        plan = _record(geom, chosen, candidates, damages, speeds, target, timing, selection, meter, aside)
+        noisy = noisy_timing_message(plan)
+        if noisy:
+            say(f"warning: {noisy}")
+        if timing is not None and not plan.is_empty():
+            plan.measured["batch1"] = (chosen.batch1 or chosen.speed).to_dict()  # type: ignore[union-attr]
+            plan.measured["slower_at_batch1"] = [_set_aside(c) for c in slower]
+            plan.measured["batch1_within_spread"] = within_floor_spread(chosen.batch1 or chosen.speed, timing.batch1_floor)  # type: ignore[arg-type]
+        if shortlist:
+            # The probe chooses among these: what the batch-1 floor set aside (or would) stays out.
+            pool = [c for c in candidates if c.speed_class not in aside]
+            others = _family_bests(chosen, pool, damages, speeds, target.speedup, measure_speed, meter is not None, say)
+            if timing is not None and timing.batch1_floor is not None:
+                others = [c for c in others if _fast_at_batch1(c, speeds)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                listed = [_record(geom, c, candidates, damages, speeds, target, timing, selection, meter) for c in others]
+            plan.measured["shortlist"] = [p.to_dict() for p in listed]
+        return plan
 
 
 def _choose(candidates: list[Candidate], damages: _Damages, speeds: _Speeds, target: float, timed: bool,
