@@ -55,7 +55,7 @@ from vitcompress.plan_types import (  # re-exported: the plan types live in plan
     parse_budget,
     save_plan,
 )
-from vitcompress.timing import SpeedComparison, TimingWorker
+from vitcompress.timing import SpeedComparison, TimingWorker, compare_speed
 
 Log = Callable[[str], None]
 
@@ -375,7 +375,7 @@ class _Speeds:
         self.timed: list[Candidate] = []
         # Timed in a fresh process: this one measures damage on thousands of images first, after
         # which merged models timed up to 15% slower than in `bench` (timing.TimingWorker).
-        self.worker = TimingWorker(on_fallback=say)
+        self.worker = TimingWorker(on_fallback=say, in_process=lambda *args, **kwargs: compare_speed(*args, **kwargs))
         if deployment is not None:
             # A copy on the deployment's device: moving the caller's model (``.to`` is in place)
             # would also move the one the damage is measured with, away from its images.

@@ -279,8 +279,10 @@ class TimingWorker:
     why (``on_fallback`` is told once).
     """
 
-    def __init__(self, on_fallback: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(self, on_fallback: Optional[Callable[[str], None]] = None,
+                 in_process: Optional[Callable[..., SpeedComparison]] = None) -> None:
         self.on_fallback = on_fallback
+        self.in_process = in_process or compare_speed  # what times here when the worker cannot
         self.fallback: Optional[str] = "VITCOMPRESS_TIMING=in-process" if os.environ.get(TIMING_ENV) == "in-process" else None
         self._proc: Optional[subprocess.Popen] = None
         self._baseline: Optional[nn.Module] = None
@@ -298,7 +300,7 @@ class TimingWorker:
                 self.fallback = str(exc)
                 if self.on_fallback is not None:
                     self.on_fallback(f"timing in this process instead of a fresh one ({exc})")
-        return compare_speed(baseline, model, input_size, **kwargs)
+        return self.in_process(baseline, model, input_size, **kwargs)
 
     def _ask(self, baseline: nn.Module, request: tuple) -> dict[str, Any]:
         if self._proc is None:
