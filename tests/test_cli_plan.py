@@ -75,7 +75,7 @@ def test_demo_plan_timed(tmp_path: Path) -> None:
     m = plan.measured
     assert m["speedup"] > 0 and m["deployment"] == {"device": "cpu", "batch_size": 4, "threads": 1}
     assert m["timed"] and plan.describe() in [t["plan"] for t in m["timed"]]
-    assert plan.predicted["speedup_source"] == "flops corrected by timed candidates"
+    assert plan.predicted["speedup_source"] == "latency table corrected by timed candidates"
     out = result.stdout.replace("\n", " ")
     assert f"{m['speedup']:.2f}x measured (quartiles" in out and "batch 4, 1 thread, cpu" in out
     assert f"{len(m['timed'])} candidate(s) timed" in out

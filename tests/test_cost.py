@@ -13,7 +13,12 @@ from vitcompress.convert import convert
 from vitcompress.cost import (
     DYNAMIC,
     STATIC,
+    LatencyTable,
     base_flops,
+    block_halves,
+    layout_seconds,
+    layout_token_counts,
+    table_speedup,
     flop_speedup,
     glad_macs_per_channel,
     merge_macs,
@@ -125,3 +130,36 @@ def test_converted_model_is_not_planned_again() -> None:
     converted = convert(model, _plan_for(model))
     with pytest.raises(UnsupportedModelError, match="already converted"):
         model_geometry(converted)
+
+
+# ---- latency from a measured table -----------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1}])  # LayerScale on: DeiT-III's blocks
+def test_the_halves_of_a_block_compose_to_the_block_exactly(kwargs: dict) -> None:
+    block = tiny_vit(**kwargs).blocks[1].eval()
+    halves = block_halves(block)
+    x = torch.randn(2, 17, block.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(halves["mlp"](halves["attention"](x)), block(x))
+
+
+def test_a_block_without_the_residual_branches_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="the block has no norm1, .*: not a standard timm ViT block"):
+        block_halves(torch.nn.Linear(4, 4))
+
+
+def test_the_table_adds_up_attention_on_n_and_mlp_on_n_minus_r() -> None:
+    model = tiny_vit()  # 4 blocks, 4x4 grid, 17 tokens
+    geom = model_geometry(model)
+    table = LatencyTable(attention={n: 10.0 + n for n in range(1, 18)}, mlp={n: 2.0 * n for n in range(1, 18)})
+    merging = tome_plan(model, 3)  # tokens 17, 14, 11, 8; MLPs on 14, 11, 8, 5
+    layout = plan_layout(geom, merging)
+    assert layout_token_counts([layout]) == [5, 8, 11, 14, 17]
+    assert layout_seconds(geom, layout, table) == sum(10 + n for n in (17, 14, 11, 8)) + sum(2 * n for n in (14, 11, 8, 5))
+    assert table_speedup(geom, merging, table) == pytest.approx(4 * (27 + 34) / (90 + 76))
+    # a static block's attention: the table's dynamic attention scaled by its share of the MACs
+    static = Plan(static_layers=[0], num_blocks=4, num_prefix_tokens=1, grid=(4, 4))
+    g, n = geom.blocks[0], 17
+    share = (g.macs(n, static=True) - n * g.mlp_macs) / (g.macs(n) - n * g.mlp_macs)
+    assert 0 < share < 1
+    assert layout_seconds(geom, plan_layout(geom, static), table) == pytest.approx(4 * 61 - 27 * (1 - share))
+    assert table_speedup(geom, Plan(num_blocks=4, num_prefix_tokens=1, grid=(4, 4)), table) == 1.0

@@ -21,6 +21,7 @@ from vitcompress.timing import (
     measure_interleaved,
     setting_text,
     speedup,
+    time_token_counts,
     torch_threads,
 )
 
@@ -157,6 +158,32 @@ def test_steady_allocator_pins_glibc_thresholds_once_and_timing_pins_them(monkey
         assert pinned is True
 
 
+class _Tokens(torch.nn.Module):
+    """Advances a fake clock by its input's token count times ``cost``, and records the shapes."""
+
+    def __init__(self, now: list[float], cost: float, shapes: list) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.now, self.cost, self.shapes = now, cost, shapes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append((tuple(x.shape), x.is_contiguous()))
+        self.now[0] += self.cost * x.shape[1]
+        return x
+
+
+def test_time_token_counts_times_every_module_at_every_count_with_a_fake_clock() -> None:
+    now, shapes = [0.0], []
+    modules = {"a": _Tokens(now, 1.0, shapes), "b": _Tokens(now, 0.5, shapes)}
+    table = time_token_counts(modules, 8, [5, 3, 5, 1], batch_size=2, seconds=0.0, clock=lambda: now[0])
+    assert table == {"a": {1: 1.0, 3: 3.0, 5: 5.0}, "b": {1: 0.5, 3: 1.5, 5: 2.5}}
+    # 1 warm-up + 1 sizing + 3 rounds (the minimum: seconds=0), each (module, count) once per round
+    assert len(shapes) == 5 * 6 and {s for s, _ in shapes} == {(2, n, 8) for n in (1, 3, 5)}
+    assert all(contiguous for _, contiguous in shapes)
+    with pytest.raises(ValueError, match="positive"):
+        time_token_counts(modules, 8, [0, 2])
+
+
 def test_the_setting_text_says_thread_or_threads() -> None:
     assert setting_text(32, 1, "cpu") == "batch 32, 1 thread, cpu"
     assert setting_text(1, 2, "cuda:0") == "batch 1, 2 threads, cuda:0"
@@ -185,6 +212,19 @@ def test_the_worker_times_in_another_process_and_reports_the_same_fields(monkeyp
     assert result.speedup_q25 <= result.speedup <= result.speedup_q75 and again.speedup > 0
     with TimingWorker() as worker, pytest.raises(VitcompressError, match="--threads must be at least 1"):
         worker.compare(teacher, student, (3, 32, 32), batch_size=1, rounds=3, threads=-1)
+
+
+def test_the_worker_times_token_counts_without_a_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitcompress.cost import block_halves
+
+    monkeypatch.delenv("VITCOMPRESS_TIMING")
+    block = tiny_vit().blocks[0]
+    told: list[str] = []
+    with TimingWorker(on_fallback=told.append) as worker:
+        table = worker.time_token_counts(block_halves(block), 32, [17, 9, 1], batch_size=2, seconds=0.01)
+        assert worker._proc is not None and worker._baseline is None
+    assert told == [] and set(table) == {"attention", "mlp"}
+    assert all(set(t) == {1, 9, 17} and all(v > 0 for v in t.values()) for t in table.values())
 
 
 class _Local(torch.nn.Module):  # a class the worker cannot import (tests/ is not on its path)

@@ -15,16 +15,22 @@ La = the attention's linear layers' MACs per token, Lm = the MLP's):
   adaptive stage adds its keys and scores, ``N_in * C * d_k + M * N_in * d_k``;
 * fixed parts: the patch-embedding convolution and the classifier head(s).
 
-Latency is not predicted here: FLOPs mispredict CPU and GPU time, so the planner times whole
-converted candidates with ``vitcompress.timing`` instead.
+Latency is predicted from a measured table, not from FLOPs: on CPU a block's time is far from
+linear in its token count (the CIFAR-10 teacher's block at batch 32, 1 thread, Intel Xeon: 4.28 ms
+on 48 tokens, 4.89 ms on 47; 6.27 ms on 62, 7.16 ms on 63; ``benchmarks/token_count_latency.py``).
+``block_halves`` splits a block into its attention and MLP residual branches, which the planner
+times at every token count its candidates use (``LatencyTable``); ``table_speedup`` adds a plan's
+blocks up from it. GLAD stages, token merging's matching and the fixed parts are left out: the
+planner corrects for them with the measured/table ratio of timed candidates of the same kind, and
+times every plan it may choose whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from vitcompress.errors import UnsupportedModelError, VitcompressError
 from vitcompress.geometry import vit_geometry
@@ -239,3 +245,61 @@ __all__ = [
     "DYNAMIC", "STATIC", "BlockGeometry", "Layout", "ModelGeometry", "base_flops", "flop_speedup",
     "glad_macs_per_channel", "layout_macs", "merge_macs", "model_geometry", "plan_flops", "plan_layout", "plan_params",
 ]  # fmt: skip
+
+
+# ---- latency from a measured table -----------------------------------------------------------
+class ResidualBranch(nn.Module):
+    """One pre-norm residual branch of a timm block, ``x + drop_path(ls(inner(norm(x))))``: the
+    attention half (norm1, attn, ls1, drop_path1) or the MLP half (norm2, mlp, ls2, drop_path2)."""
+
+    def __init__(self, norm: nn.Module, inner: nn.Module, scale: nn.Module, drop_path: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.inner, self.scale, self.drop_path = norm, inner, scale, drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.scale(self.inner(self.norm(x))))
+
+
+def block_halves(block: nn.Module) -> dict[str, nn.Module]:
+    """``{"attention": ..., "mlp": ...}`` of a standard timm ``Block`` (pre-norm residual branches)."""
+    missing = [a for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2") if not hasattr(block, a)]
+    if missing:
+        raise UnsupportedModelError(f"the block has no {', '.join(missing)}: not a standard timm ViT block")
+    b = block
+    return {"attention": ResidualBranch(b.norm1, b.attn, b.ls1, b.drop_path1),
+            "mlp": ResidualBranch(b.norm2, b.mlp, b.ls2, b.drop_path2)}
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured seconds per call of one block's attention and MLP halves, per token count."""
+
+    attention: Mapping[int, float]
+    mlp: Mapping[int, float]
+
+
+def layout_token_counts(layouts: Sequence[Layout]) -> list[int]:
+    """Every token count a block's attention or MLP runs on in ``layouts`` (what a table needs)."""
+    return sorted({n for layout in layouts for _, tokens, merge in layout.blocks for n in (tokens, tokens - merge)})
+
+
+def layout_seconds(geom: ModelGeometry, layout: Layout, table: LatencyTable) -> float:
+    """The blocks' time under ``layout`` from ``table`` (measured on a dynamic block): a static
+    block's attention scaled by its share of the dynamic attention's multiply-adds."""
+    total = 0.0
+    for g, (kind, n, merge) in zip(geom.blocks, layout.blocks):
+        attention = table.attention[n]
+        if kind == STATIC:
+            attention *= _attention_macs(g, n, True) / _attention_macs(g, n, False)
+        total += attention + table.mlp[n - merge]
+    return total
+
+
+def _attention_macs(g: BlockGeometry, n: int, static: bool) -> int:
+    return g.macs(n, static=static) - n * g.mlp_macs
+
+
+def table_speedup(geom: ModelGeometry, plan: Plan, table: LatencyTable) -> float:
+    """The original blocks' time over ``plan``'s, both from ``table``."""
+    base = geom.depth * (table.attention[geom.num_tokens] + table.mlp[geom.num_tokens])
+    return base / layout_seconds(geom, plan_layout(geom, plan), table)

@@ -13,10 +13,12 @@ Damage is measured, in one unit (``vitcompress.damage``: KL of the class distrib
 original on calibration images from the training split). Every single change (one static layer,
 one GLAD stage) is measured once from cached block inputs; a candidate's damage is first estimated
 as the sum of its parts, and the few candidates that could be chosen are then measured whole.
-Speed is measured the one way (``vitcompress.timing.compare_speed``), on the stated deployment
-(device, batch size, threads): a candidate's speed-up is predicted from FLOPs, corrected by the
-measured/FLOP ratio of the nearest timed candidate of the same kind, and every plan that could be
-chosen is timed whole before it is. The plan kept is the least damaging candidate whose measured
+Speed is measured the one way (``vitcompress.timing``), on the stated deployment (device, batch
+size, threads): a candidate's speed-up is predicted from a latency table (one block's attention
+and MLP halves timed at every token count the candidates use, ``cost.table_speedup``: on CPU a
+block's time is far from linear in its tokens), corrected by the measured/table ratio of the
+nearest timed candidate of the same kind, and every plan that could be chosen is timed whole
+before it is. The plan kept is the least damaging candidate whose measured
 speed-up meets the budget (within ``MEASURED_TOLERANCE``, the noise of a short timing).
 
 Without calibration images damage falls back to a proxy read from the analysis (attention
@@ -35,9 +37,21 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from vitcompress.cost import ModelGeometry, base_flops, flop_speedup, model_geometry, plan_flops, plan_layout, plan_params
+from vitcompress.cost import (
+    LatencyTable,
+    ModelGeometry,
+    base_flops,
+    block_halves,
+    flop_speedup,
+    layout_token_counts,
+    model_geometry,
+    plan_flops,
+    plan_layout,
+    plan_params,
+    table_speedup,
+)
 from vitcompress.damage import Damage, DamageMeter, Difference
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import UnsupportedModelError, VitcompressError
 from vitcompress.geometry import check_supported, input_size
 from vitcompress.plan_types import (  # re-exported: the plan types live in plan_types
     BUDGET_FORMS,
@@ -208,6 +222,12 @@ class Candidate:
     speed: Optional[SpeedComparison] = None  # speed-up measured on the whole plan
     search_speedup: Optional[float] = None  # the search's short timing, when ``speed`` was re-timed longer
     batch1: Optional[SpeedComparison] = None  # the speed-up measured at batch 1 (the single-image check)
+    table_speedup: Optional[float] = None  # predicted from the latency table (None: no table)
+
+    @property
+    def base_speedup(self) -> float:
+        """What timings correct into a prediction: the table's speed-up, else the FLOPs'."""
+        return self.table_speedup if self.table_speedup is not None else self.flop_speedup
 
     @property
     def speed_class(self) -> tuple:
@@ -373,6 +393,7 @@ class _Speeds:
                  say: Optional[Log] = None) -> None:
         self.deployment, self.means = deployment, means
         self.timed: list[Candidate] = []
+        self.table: Optional[LatencyTable] = None
         # Timed in a fresh process: this one measures damage on thousands of images first, after
         # which merged models timed up to 15% slower than in `bench` (timing.TimingWorker).
         self.worker = TimingWorker(on_fallback=say, in_process=lambda *args, **kwargs: compare_speed(*args, **kwargs))
@@ -383,6 +404,18 @@ class _Speeds:
             on = next(model.parameters()).device
             self.model = (model if on == device else copy.deepcopy(model).to(device)).eval()
             self.size = input_size(model)
+
+    def use_table(self, geom: ModelGeometry, candidates: Sequence[Candidate], say: Log) -> None:
+        """Measure the latency table for ``candidates`` and set their ``table_speedup`` (nothing
+        without a deployment, or when the table cannot be measured)."""
+        if self.deployment is None:
+            return
+        counts = layout_token_counts([plan_layout(geom, c.plan) for c in candidates]) + [geom.num_tokens]
+        say(f"timing one block on {len(set(counts))} token counts (the latency table)")
+        self.table = _latency_table(self, geom, counts)
+        if self.table is not None:
+            for c in candidates:
+                c.table_speedup = table_speedup(geom, c.plan, self.table)
 
     def predict(self, c: Candidate) -> float:
         if c.speed is not None:
@@ -404,6 +437,25 @@ class _Speeds:
         c.speed = self.measure(c.plan)
         self.timed.append(c)
         return c.speed
+
+
+# The latency table's timing budget, in deployment timings (``Deployment.seconds``) of a candidate.
+TABLE_TIMINGS = 2
+
+
+def _latency_table(speeds: _Speeds, geom: ModelGeometry, token_counts: Sequence[int]) -> Optional[LatencyTable]:
+    """The deployment's latency table of the model's first block (all blocks of a supported ViT
+    have the same shape), timed like a candidate (in the timing process); None for a block that
+    is not split into timm's two residual branches (predictions then start from FLOPs)."""
+    d = speeds.deployment
+    assert d is not None
+    try:
+        halves = block_halves(speeds.model.blocks[0])
+    except UnsupportedModelError:
+        return None
+    seconds = speeds.worker.time_token_counts(halves, geom.embed_dim, token_counts, batch_size=d.batch_size,
+                                              threads=d.threads, device=d.device, seconds=TABLE_TIMINGS * d.seconds)
+    return LatencyTable(attention=seconds["attention"], mlp=seconds["mlp"])
 
 
 # ---- the planner -----------------------------------------------------------------------------
@@ -475,6 +527,7 @@ def make_plan(
             raise VitcompressError(f"method {method} has no candidate plans for this model")
         say(f"{len(candidates)} candidate plans ({method}); timing on {deployment.device}, batch {deployment.batch_size}"
             if measure_speed else f"{len(candidates)} candidate plans ({method}); speed from FLOPs (not timed)")
+        speeds.use_table(geom, candidates, say)
         chosen = _choose(candidates, damages, speeds, target.speedup, measure_speed, meter is not None, say)
         timing = deployment if measure_speed else None
         slower: list[Candidate] = []
@@ -732,8 +785,8 @@ def _confirm(chosen: Candidate, candidates: list[Candidate], damages: _Damages, 
 def _out_of_reach(candidates: Sequence[Candidate], speeds: _Speeds, target: float) -> bool:
     """Whether no candidate would reach ``target`` even at the best measured/FLOP ratio of any
     timing so far (optimistic on purpose: one short timing must not rule out a search)."""
-    ratio = max(t.speed.speedup / t.flop_speedup for t in speeds.timed)  # type: ignore[union-attr]
-    return max(c.flop_speedup for c in candidates) * ratio < target
+    ratio = max(t.speed.speedup / t.base_speedup for t in speeds.timed)  # type: ignore[union-attr]
+    return max(c.base_speedup for c in candidates) * ratio < target
 
 
 def _measured(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -811,7 +864,8 @@ def _record(
                                    metric=layout.tome_metric)
                         for g, (k, n, m) in zip(geom.blocks, layout.blocks)],
         "speedup": speeds.predict(c) if c.speed is None else _prediction_before(c, speeds),
-        "speedup_source": "flops corrected by timed candidates" if deployment is not None else "flops (not timed)",
+        "table_speedup": c.table_speedup,
+        "speedup_source": _speedup_source(speeds, deployment),
         "damage_estimate": damages.estimate(c),
         "damage_source": "measured parts (KL on calibration images)" if meter is not None else f"proxy: {selection}",
         "candidates": len(candidates), "target_speedup": target.speedup, "selection": selection,
@@ -826,7 +880,7 @@ def _record(
         "damage": c.damage.to_dict() if c.damage else None,
         "part_damage": [{"change": _part_text(p), "kl": damages.parts[p].kl} for p in c.parts if p in damages.parts],
         "timed": [{"plan": t.plan.describe(), "family": t.family, "flop_speedup": t.flop_speedup,
-                   "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
+                   "table_speedup": t.table_speedup, "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
     }
     ties = _near_ties(c, speeds, damages, target.speedup, aside)
     plan.measured["near_ties"] = [{"plan": t.plan.describe(), "speedup": t.speed.speedup, "speedup_q75": t.speed.speedup_q75,  # type: ignore[union-attr]
@@ -837,6 +891,12 @@ def _record(
     if not plan.measured["budget_met"]:
         warnings.warn(unreachable_message(plan), stacklevel=3)
     return plan
+
+
+def _speedup_source(speeds: _Speeds, deployment: Optional[Deployment]) -> str:
+    if deployment is None:
+        return "flops (not timed)"
+    return f"{'latency table' if speeds.table is not None else 'flops'} corrected by timed candidates"
 
 
 # Quartile spread of the chosen plan's long timing, as a fraction of its median, above which the
@@ -881,18 +941,18 @@ def _prediction_before(c: Candidate, speeds: _Speeds) -> float:
 
 
 def _corrected(c: Candidate, timed: Sequence[Candidate]) -> float:
-    """``c``'s FLOP speed-up times the measured/FLOP ratio of the nearest timed candidate of its
-    speed class (``Candidate.speed_class``). A class not timed yet keeps its FLOP speed-up unless
-    another class's ratio is higher: another class's (often lower) ratio would rule its plans out
-    before any of them is timed."""
+    """``c``'s table (else FLOP) speed-up, ``Candidate.base_speedup``, times the measured/base
+    ratio of the nearest timed candidate of its speed class (``Candidate.speed_class``). A class
+    not timed yet keeps its base speed-up unless another class's ratio is higher: another class's
+    (often lower) ratio would rule its plans out before any of them is timed."""
     def ratio(pool: Sequence[Candidate]) -> float:
-        nearest = min(pool, key=lambda t: (abs(t.flop_speedup - c.flop_speedup), t.key))
-        return nearest.speed.speedup / nearest.flop_speedup  # type: ignore[union-attr]
+        nearest = min(pool, key=lambda t: (abs(t.base_speedup - c.base_speedup), t.key))
+        return nearest.speed.speedup / nearest.base_speedup  # type: ignore[union-attr]
 
     same = [t for t in timed if t.speed_class == c.speed_class]
     if same:
-        return c.flop_speedup * ratio(same)
-    return c.flop_speedup * max(1.0, ratio(timed)) if timed else c.flop_speedup
+        return c.base_speedup * ratio(same)
+    return c.base_speedup * max(1.0, ratio(timed)) if timed else c.base_speedup
 
 
 def _part_text(part: Part) -> str:

@@ -10,7 +10,10 @@ with, the one ``compress`` stores in the exported file and the one ``bench`` pri
 * ``speedup`` pairs the samples of the same round (baseline time / model time) and summarises the
   ratios: the median is the speed-up, the quartiles its spread.
 * ``compare_speed`` does both for two models on one fixed random batch.
-* ``TimingWorker`` runs ``compare_speed`` in a fresh Python process of its own, for callers whose
+* ``time_token_counts`` times modules on token sequences of several lengths, one table per module
+  (the planner's per-block latency table: on CPU a block's time is far from linear in its token
+  count, the CIFAR-10 teacher's block took 4.28 ms on 48 tokens and 4.89 ms on 47).
+* ``TimingWorker`` runs ``compare_speed`` (and ``time_token_counts``) in a fresh Python process of its own, for callers whose
   own process has done heavy work first (the planner's damage measurements, a fine-tune): there,
   the same merged model of the CIFAR-10 teacher timed 8% slower (26.2 against 24.3 ms per batch
   of 32, the original's time unchanged), so the planner printed 2.56x for a plan that `bench`
@@ -258,6 +261,45 @@ def compare_speed(
     )
 
 
+# ---- token sequences of several lengths -----------------------------------------------------
+MIN_TABLE_ROUNDS, MAX_TABLE_ROUNDS = 3, 50
+
+
+def time_token_counts(
+    modules: Mapping[str, nn.Module],
+    width: int,
+    token_counts: Sequence[int],
+    *,
+    batch_size: int = 32,
+    threads: Optional[int] = None,
+    device: Optional[torch.device | str] = None,
+    seconds: float = 5.0,
+    clock: Clock = time.perf_counter,
+) -> dict[str, dict[int, float]]:
+    """Median seconds per call of each module on a fixed random [batch_size, n, width] input, for
+    every n of ``token_counts``: ``{name: {n: seconds}}``. All (module, n) pairs run interleaved
+    in each round, as many rounds as fit in about ``seconds`` (at least 3, at most 50)."""
+    counts = sorted({int(n) for n in token_counts})
+    if not counts or counts[0] < 1:
+        raise ValueError(f"token counts must be positive, got {list(token_counts)}")
+    ref = next(iter(next(iter(modules.values())).parameters()))
+    dev = torch.device(device) if device is not None else ref.device
+    g = torch.Generator().manual_seed(0)
+    # One buffer, a contiguous view of its start per length: no copy per call, no tensor per length.
+    flat = torch.randn(int(batch_size) * counts[-1] * int(width), generator=g).to(device=dev, dtype=ref.dtype)
+    inputs = {n: flat[: int(batch_size) * n * int(width)].view(int(batch_size), n, int(width)) for n in counts}
+    keyed = {f"{name}:{n}": (lambda m=m, x=inputs[n]: m(x)) for name, m in modules.items() for n in counts}
+    for m in modules.values():
+        m.eval()
+    sync = device_sync(dev)
+    with torch_threads(threads), torch.inference_mode():
+        first = measure_interleaved(keyed, warmup=1, repeats=1, clock=clock, sync=sync)
+        one_round = sum(times[0] for times in first.values())
+        rounds = int(min(MAX_TABLE_ROUNDS, max(MIN_TABLE_ROUNDS, seconds / max(one_round, 1e-6))))
+        samples = measure_interleaved(keyed, warmup=0, repeats=rounds, clock=clock, sync=sync)
+    return {name: {n: Stats.of(samples[f"{name}:{n}"]).median for n in counts} for name in modules}
+
+
 # ---- a fresh process to time in -------------------------------------------------------------
 # Set to "in-process" to time in the calling process (no worker): what the test suite does for
 # speed, and a way out where starting a Python process is not possible.
@@ -292,23 +334,34 @@ class TimingWorker:
         """``compare_speed(baseline, model, input_size, **kwargs)``, timed in the worker. ``threads``
         None means this process's thread count (the worker's own default would differ)."""
         kwargs["threads"] = kwargs.get("threads") or torch.get_num_threads()
-        if self.fallback is None:
-            try:
-                return SpeedComparison(**self._ask(baseline, ("compare", model, tuple(input_size), kwargs)))
-            except WorkerUnavailable as exc:
-                self.close()
-                self.fallback = str(exc)
-                if self.on_fallback is not None:
-                    self.on_fallback(f"timing in this process instead of a fresh one ({exc})")
-        return self.in_process(baseline, model, input_size, **kwargs)
+        reply = self._ask(("compare", model, tuple(input_size), kwargs), baseline)
+        return SpeedComparison(**reply) if reply is not None else self.in_process(baseline, model, input_size, **kwargs)
 
-    def _ask(self, baseline: nn.Module, request: tuple) -> dict[str, Any]:
-        if self._proc is None:
-            self._start()
-        if self._baseline is not baseline:
-            self._send(("baseline", baseline))
-            self._baseline = baseline
-        return self._send(request)
+    def time_token_counts(self, modules: Mapping[str, nn.Module], width: int, token_counts: Sequence[int],
+                          **kwargs: Any) -> dict[str, dict[int, float]]:
+        """``time_token_counts(modules, width, token_counts, **kwargs)``, timed in the worker."""
+        kwargs["threads"] = kwargs.get("threads") or torch.get_num_threads()
+        reply = self._ask(("tokens", dict(modules), int(width), list(token_counts), kwargs))
+        return reply if reply is not None else time_token_counts(modules, width, token_counts, **kwargs)
+
+    def _ask(self, request: tuple, baseline: Optional[nn.Module] = None) -> Optional[Any]:
+        """The worker's reply to ``request`` (sent after ``baseline`` when it has not had it yet),
+        or None when it cannot be used: then the caller times in this process."""
+        if self.fallback is not None:
+            return None
+        try:
+            if self._proc is None:
+                self._start()
+            if baseline is not None and self._baseline is not baseline:
+                self._send(("baseline", baseline))
+                self._baseline = baseline
+            return self._send(request)
+        except WorkerUnavailable as exc:
+            self.close()
+            self.fallback = str(exc)
+            if self.on_fallback is not None:
+                self.on_fallback(f"timing in this process instead of a fresh one ({exc})")
+            return None
 
     def _start(self) -> None:
         package_parent = str(Path(__file__).resolve().parents[1])  # the same vitcompress as this one
@@ -321,7 +374,7 @@ class TimingWorker:
             raise WorkerUnavailable(f"cannot start a Python process: {exc}") from None
         self._finalizer = weakref.finalize(self, _stop, self._proc)
 
-    def _send(self, request: tuple) -> dict[str, Any]:
+    def _send(self, request: tuple) -> Any:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
@@ -379,9 +432,8 @@ def _serve() -> None:
             if request[0] == "baseline":
                 baseline, reply = request[1].eval(), ("ok", {})
             else:
-                _, model, size, kwargs = request
                 try:
-                    reply = ("ok", compare_speed(baseline, model, size, **kwargs).to_dict())
+                    reply = ("ok", _answer(request, baseline))
                 except VitcompressError as exc:
                     reply = ("error", str(exc))
                 except Exception as exc:
@@ -390,7 +442,15 @@ def _serve() -> None:
         replies.flush()
 
 
+def _answer(request: tuple, baseline: Optional[nn.Module]) -> Any:
+    if request[0] == "tokens":
+        _, modules, width, counts, kwargs = request
+        return time_token_counts(modules, width, counts, **kwargs)
+    _, model, size, kwargs = request
+    return compare_speed(baseline, model, size, **kwargs).to_dict()
+
+
 __all__ = [
     "Clock", "SpeedComparison", "Stats", "TimingWorker", "compare_speed", "steady_allocator", "device_sync", "gc_paused", "interleaved_order",
-    "measure_interleaved", "quantile", "setting_text", "speedup", "torch_threads",
+    "measure_interleaved", "quantile", "setting_text", "speedup", "time_token_counts", "torch_threads",
 ]  # fmt: skip
