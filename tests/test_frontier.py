@@ -66,10 +66,15 @@ def test_the_head_to_head_interpolates_ours_at_token_mergings_speeds_and_says_wh
     assert frontier.interpolate([(2.0, 0.6), (1.0, 0.8)], 1.5) == pytest.approx(0.7)
     assert frontier.interpolate([(1.0, 0.8), (2.0, 0.6)], 2.5) is None
     plan = lambda r: {"static_layers": [], "merge_r": r, "num_blocks": 2, "grid": [4, 4], "method": "auto"}  # noqa: E731
-    row = lambda m, s, t, r: {"method": m, "variant": "mean-init", "finetune_steps": 5, "batch_size": 32,  # noqa: E731
-                              "speedup": s, "top1": t, "val_top1": t + 0.01, "plan": plan(r)}
-    report = {"settings": {"steps": 5}, "rows": [row("auto", 1.0, 0.8, [1, 0]), row("auto", 2.0, 0.6, [2, 0]),
-                                                 row("tome", 1.5, 0.65, [1, 1]), row("tome", 3.0, 0.5, [3, 0])]}
+    row = lambda m, x, s, t, r: {"method": m, "variant": "mean-init", "finetune_steps": 5, "batch_size": 32,  # noqa: E731
+                                 "target_speedup": x, "speedup": s, "top1": t, "val_top1": t + 0.01, "plan": plan(r)}
+    report = {"settings": {"steps": 5}, "rows": [row("auto", 1.5, 1.0, 0.8, [1, 0]), row("auto", 2, 2.0, 0.6, [2, 0]),
+                                                 row("tome", 1.5, 1.5, 0.65, [1, 1]), row("tome", 3, 3.0, 0.5, [3, 0])]}
     table = frontier.head_to_head(report)
-    assert "| 1.50x | 65.00% / 66.00% | 70.00% / 71.00% | +5.00 / +5.00 pt |" in table
-    assert "| 3.00x | 50.00% / 51.00% | not covered | - |" in table
+    at_tome, at_targets = table.split("Both interpolated at each target")
+    assert "| 1.50x | 65.00% / 66.00% | 70.00% / 71.00% | +5.00 / +5.00 pt |" in at_tome
+    assert "| 3.00x | 50.00% / 51.00% | not covered | - |" in at_tome
+    # at the targets both curves are interpolated: token merging at 2x lies between its 1.5x and 3x points
+    assert "| 1.50x | 65.00% / 66.00% | 70.00% / 71.00% | +5.00 / +5.00 pt |" in at_targets
+    assert "| 2.00x | 60.00% / 61.00% | 60.00% / 61.00% | +0.00 / +0.00 pt |" in at_targets
+    assert "| 3.00x | 50.00% / 51.00% | not covered | - |" in at_targets
