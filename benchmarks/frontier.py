@@ -355,29 +355,28 @@ def head_to_head(report: dict[str, Any]) -> str:
              f"(both fine-tuned {report['settings']['steps']} steps):", "",
              f"| speed-up | token merging test / val | {ours_name} test / val (interpolated) | difference test / val |",
              "|---|---|---|---|"]
-    for r in tome:
-        test = interpolate([(o["speedup"], o["top1"]) for o in ours], r["speedup"])
-        val = interpolate([(o["speedup"], o["val_top1"]) for o in ours], r["speedup"])
-        mine = "not covered" if test is None else f"{100 * test:.2f}% / {100 * val:.2f}%"
-        diff = "-" if test is None else f"{100 * (test - r['top1']):+.2f} / {100 * (val - r['val_top1']):+.2f} pt"
-        lines.append(f"| {r['speedup']:.2f}x | {100 * r['top1']:.2f}% / {100 * r['val_top1']:.2f}% | {mine} | {diff} |")
-    return "\n".join(lines) + "\n\n" + at_targets(report, ours_name, ours, tome)
-
-
-def at_targets(report: dict[str, Any], ours_name: str, ours: list[dict[str, Any]], tome: list[dict[str, Any]]) -> str:
-    """Both methods' fine-tuned top-1 interpolated at each target speed-up of the run."""
+    lines += [_compared(r["speedup"], (r["top1"], r["val_top1"]), _top1_at(ours, r["speedup"])) for r in tome]
     targets = sorted({float(r["target_speedup"]) for r in report["rows"] if r.get("target_speedup") is not None})
-    lines = ["Both interpolated at each target speed-up (measured, batch 32):", "",
-             f"| speed-up | token merging test / val | {ours_name} test / val | difference test / val |", "|---|---|---|---|"]
-    curve = lambda rows, key: [(r["speedup"], r[key]) for r in rows]  # noqa: E731
-    pair = lambda t, v: "not covered" if t is None or v is None else f"{100 * t:.2f}% / {100 * v:.2f}%"  # noqa: E731
-    for x in targets:
-        theirs = interpolate(curve(tome, "top1"), x), interpolate(curve(tome, "val_top1"), x)
-        mine = interpolate(curve(ours, "top1"), x), interpolate(curve(ours, "val_top1"), x)
-        covered = None not in (*theirs, *mine)
-        diff = f"{100 * (mine[0] - theirs[0]):+.2f} / {100 * (mine[1] - theirs[1]):+.2f} pt" if covered else "-"  # type: ignore[operator]
-        lines.append(f"| {x:.2f}x | {pair(*theirs)} | {pair(*mine)} | {diff} |")
+    lines += ["", "Both interpolated at each target speed-up (measured, batch 32):", "",
+              f"| speed-up | token merging test / val | {ours_name} test / val | difference test / val |", "|---|---|---|---|"]
+    lines += [_compared(x, _top1_at(tome, x), _top1_at(ours, x)) for x in targets]
     return "\n".join(lines) + "\n"
+
+
+Top1 = tuple[Optional[float], Optional[float]]  # test, validation
+
+
+def _top1_at(rows: list[dict[str, Any]], speedup: float) -> Top1:
+    """Test and validation top-1 interpolated at ``speedup`` between ``rows``' measured points."""
+    return tuple(interpolate([(r["speedup"], r[key]) for r in rows], speedup) for key in ("top1", "val_top1"))  # type: ignore[return-value]
+
+
+def _compared(speedup: float, theirs: Top1, mine: Top1) -> str:
+    """One table line: token merging's and our top-1 at ``speedup``, and the difference."""
+    pair = lambda t, v: "not covered" if t is None or v is None else f"{100 * t:.2f}% / {100 * v:.2f}%"  # noqa: E731
+    covered = None not in (*theirs, *mine)
+    diff = f"{100 * (mine[0] - theirs[0]):+.2f} / {100 * (mine[1] - theirs[1]):+.2f} pt" if covered else "-"  # type: ignore[operator]
+    return f"| {speedup:.2f}x | {pair(*theirs)} | {pair(*mine)} | {diff} |"
 
 
 def _describe(plan: dict[str, Any]) -> str:
