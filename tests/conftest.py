@@ -48,6 +48,12 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _own_timing_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Each test plans with an empty timing cache of its own, never the user's ~/.cache/vitcompress.
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
 def _time_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     # A fresh timing process per plan costs ~2 s of start-up; tests/test_timing.py tests the worker.
     monkeypatch.setenv("VITCOMPRESS_TIMING", "in-process")

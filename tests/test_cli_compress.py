@@ -161,3 +161,26 @@ def test_compress_plans_with_the_method_asked_for(setup: tuple[str, Path]) -> No
     assert plan["method"] == "tome" and any(plan["merge_r"]) and not plan["reductions"] and not plan["static_layers"]
     assert plan["measured"]["speedup"] is None  # --no-calibrate: predicted from FLOPs, and the plan says so
     assert plan["predicted"]["speedup_source"] == "flops (not timed)"
+
+
+@pytest.mark.parametrize("flag, reuse", [((), True), (("--retime",), False)], ids=["default", "retime"])
+def test_compress_plans_reusing_stored_timings_unless_retime(setup: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                             flag: tuple, reuse: bool) -> None:
+    import importlib
+
+    from vitcompress.errors import VitcompressError
+
+    plan_module = importlib.import_module("vitcompress.plan")  # the package's name `plan` is a function
+
+    seen = {}
+
+    def planned(*args, **kwargs):
+        seen.update(kwargs)
+        raise VitcompressError("stopped after planning")
+
+    monkeypatch.setattr(plan_module, "make_plan", planned)
+    model, _ = setup
+    result = runner.invoke(app, ["compress", model, "--budget", "1.2x", "--data", "demo", "--no-finetune",
+                                 "--calibration-images", "16", *flag, *FAST])
+    assert result.exit_code != 0 and "stopped after planning" in result.stderr
+    assert seen["reuse_timings"] is reuse

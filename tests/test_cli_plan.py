@@ -195,7 +195,7 @@ def test_a_plan_slower_at_batch_1_is_set_aside_unless_allowed(tmp_path: Path, mo
     assert f"set aside: {first.describe()} (3.00x at batch 4, 0.50x at batch 1" in out
     assert "at batch 1: 1.50x measured" in out
     assert "0.50x at batch 1, upper quartile 0.50x: slower than the original" in out
-    assert "a rerun may measure it either side" not in out  # 0.50x: clearly slower
+    assert "may measure it either side" not in out  # 0.50x: clearly slower
 
 
 def test_a_plan_within_its_batch_1_spread_of_the_original_is_kept_and_says_so(
@@ -208,4 +208,24 @@ def test_a_plan_within_its_batch_1_spread_of_the_original_is_kept_and_says_so(
     assert any(plan.merges()) and plan.measured["slower_at_batch1"] == [] and plan.measured["batch1_within_spread"]
     out = result.stdout.replace("\n", " ")
     assert "at batch 1: 0.97x measured (quartiles 0.92-1.02): within the timing's spread of the original" in out
-    assert "a rerun may measure it either side of 1.00x" in out and "set aside" not in out
+    assert "a fresh timing, --retime, may measure it either side of 1.00x" in out and "set aside" not in out
+
+
+def test_plan_again_reuses_this_machines_timings_unless_retime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _merging_is_slow_at_batch_1(monkeypatch, merged=1.2)
+    args = ("--budget", "2x", *CALIB, "--batch-size", "4")
+    first = _demo(tmp_path / "one", *args)
+    assert first.exit_code == 0, first.output
+    timings = load_plan(tmp_path / "one").measured["timings"]
+    assert timings["reused"] == 0 and timings["measured"] == timings["stored"] > 0 and "reused from" not in first.stdout
+    second = _demo(tmp_path / "two", *args)
+    assert second.exit_code == 0, second.output
+    again = load_plan(tmp_path / "two")
+    assert again.describe() == load_plan(tmp_path / "one").describe()
+    assert again.measured["timings"]["reused"] == timings["measured"] and again.measured["timings"]["measured"] == 0
+    assert "reusing the timings this machine stored for this model" in second.stderr
+    out = second.stdout.replace("\n", " ")
+    assert f"timings: {timings['measured']} reused from this machine's timing cache, 0 measured" in out and "--retime" in out
+    fresh = _demo(tmp_path / "three", *args, "--retime")
+    assert fresh.exit_code == 0, fresh.output
+    assert load_plan(tmp_path / "three").measured["timings"]["reused"] == 0 and "reusing the timings" not in fresh.stderr

@@ -43,6 +43,7 @@ LAYERS: dict[str, str] = {
     "_lock": "leaf",  # one writer per folder: a pid lock file
     "names": "leaf",  # every output file name
     "timing": "leaf",  # the one interleaved timer and its statistics
+    "timing_cache": "leaf",  # timings a machine measured, reused by the next plan
     "geometry": "leaf",  # supported-ViT check, token grid, prefix count, input size
     "plan_types": "leaf",  # Plan / Reduction / Budget, save_plan / load_plan, parse_budget
     "hub": "leaf",

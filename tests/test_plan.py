@@ -146,6 +146,9 @@ DEPLOY = Deployment(batch_size=4, threads=1, seconds=DEPLOY_SECONDS)
 def _plan(model: torch.nn.Module, budget: str, **kwargs) -> Plan:
     """A plan without warnings (an unreachable budget is tested on its own)."""
     kwargs.setdefault("deployment", DEPLOY)
+    # Tests here change the fake timer between calls: each call times afresh unless it asks to
+    # reuse (test_the_same_call_gives_the_same_plan; the cache itself: tests/test_timing_cache.py).
+    kwargs.setdefault("reuse_timings", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return make_plan(model, kwargs.pop("analysis", None), budget, **kwargs)
@@ -595,12 +598,28 @@ def test_a_neighbour_whose_long_timing_falls_short_is_kept_out_and_recorded_as_a
     assert PLAN._near_ties(chosen, speeds, damages, target) == []
 
 
-def test_the_same_call_gives_the_same_plan(model, images, fake_timer) -> None:
-    fake_timer(0.8)
+def _without_cache_record(plan: Plan) -> dict:
+    d = plan.to_dict()
+    d["measured"].pop("timings")
+    return d
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reusing-timings", "retimed"])
+def test_the_same_call_gives_the_same_plan(model, images, fake_timer, reuse) -> None:
+    timer = fake_timer(0.8)
     first = _plan(model, "2x", method="auto", calibration=images)
-    second = _plan(model, "2x", method="auto", calibration=images)
-    assert first.to_dict() == second.to_dict()
-    assert _plan(model, "2x", method="dgssa-glad").to_dict() == _plan(model, "2x", method="dgssa-glad").to_dict()
+    timed = len(timer.calls) + len(timer.reports) + len(timer.single)
+    second = _plan(model, "2x", method="auto", calibration=images, reuse_timings=reuse)
+    assert _without_cache_record(first) == _without_cache_record(second)
+    again = len(timer.calls) + len(timer.reports) + len(timer.single) - timed
+    assert first.measured["timings"]["reused"] == 0 and first.measured["timings"]["stored"] == timed > 0
+    if reuse:  # the second call takes every timing from the first's cache
+        t = second.measured["timings"]
+        assert again == 0 and (t["reused"], t["stored"], t["cache"]) == (timed, 0, first.measured["timings"]["cache"])
+    else:  # timed afresh, the same fake timings
+        assert again == timed and second.measured["timings"]["reused"] == 0
+    assert _without_cache_record(_plan(model, "2x", method="dgssa-glad")) == \
+        _without_cache_record(_plan(model, "2x", method="dgssa-glad", reuse_timings=reuse))
 
 
 def test_without_calibration_images_damage_is_the_proxy_and_the_plan_says_so(model, fake_timer) -> None:

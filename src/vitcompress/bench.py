@@ -69,7 +69,7 @@ from vitcompress.distributed import all_reduce_sum, autocast, default_device, di
 from vitcompress.errors import DataError, ModelLoadError, VitcompressError
 from vitcompress.flops import count_flops
 from vitcompress.geometry import input_size as geometry_input_size
-from vitcompress.timing import Stats, device_sync, gc_paused, interleaved_order, measure_interleaved, quantile, speedup, torch_threads
+from vitcompress.timing import Stats, device_name, device_sync, gc_paused, interleaved_order, measure_interleaved, quantile, speedup, torch_threads
 
 SCHEMA_VERSION = 1
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -412,7 +412,7 @@ def bench(
             measurements += _measure_batch(run, runnable, prepared, input_sizes, batch)
         settings = {
             "device": str(dev),
-            "device_name": _device_name(dev),
+            "device_name": device_name(dev),
             "threads": torch.get_num_threads(),
             "dtype": dtype_name(dt),
             "compile": bool(compile),
@@ -833,18 +833,6 @@ def attach_data(
 
 
 # ---- environment -----------------------------------------------------------------------------
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment() -> dict[str, Any]:
     import timm
 

@@ -204,6 +204,8 @@ class PlanOptions:
     # When no plan meets the budget: go on with the fastest one (with a warning) instead of failing
     # before anything is fine-tuned or written, as `vitcompress plan` does.
     allow_below_budget: bool = False
+    # Reuse the timings this machine stored for this model and deployment (False: ``--retime``).
+    reuse_timings: bool = True
 
 
 PROBE_IMAGES = 512  # training images held out of the probes' training data, to measure them on
@@ -247,7 +249,8 @@ def _analysis_and_plan(
         warnings.simplefilter("ignore")  # an unreachable budget is reported below, on one line
         made = make_plan(teacher, result, budget, method=options.method, calibration=calibration,
                          attention_means=result.attention_means, deployment=deployment,
-                         measure_speed=options.measure_speed, shortlist=options.probe_steps > 0, log=log)
+                         measure_speed=options.measure_speed, shortlist=options.probe_steps > 0,
+                         reuse_timings=options.reuse_timings, log=log)
     if options.probe_steps > 0:
         made = _probe(teacher, made, train, options.probe_steps, cfg or FinetuneConfig(), result.attention_means, log)
     if not budget_met(made):

@@ -20,6 +20,10 @@ block's time is far from linear in its tokens), corrected by the measured/table 
 nearest timed candidate of the same kind, and every plan that could be chosen is timed whole
 before it is. The plan kept is the least damaging candidate whose measured
 speed-up meets the budget (within ``MEASURED_TOLERANCE``, the noise of a short timing).
+Every timing is stored in this machine's timing cache (``vitcompress.timing_cache``) and reused by
+the next call for the same model and deployment, which then takes every decision the first took:
+damage is deterministic, so the same call gives the same plan (``reuse_timings=False``,
+``--retime``: time afresh).
 
 Without calibration images damage falls back to a proxy read from the analysis (attention
 similarity and rank); without timing (``measure_speed=False``) speed falls back to FLOPs. The plan
@@ -70,6 +74,7 @@ from vitcompress.plan_types import (  # re-exported: the plan types live in plan
     save_plan,
 )
 from vitcompress.timing import SpeedComparison, TimingWorker, compare_speed
+from vitcompress.timing_cache import TimingCache, cache_root, timing_context
 
 Log = Callable[[str], None]
 
@@ -390,10 +395,11 @@ class _Speeds:
     """Measured speed-ups of whole candidates, and predictions for the untimed ones."""
 
     def __init__(self, model: nn.Module, deployment: Optional[Deployment], means: Optional[Mapping[int, torch.Tensor]],
-                 say: Optional[Log] = None) -> None:
+                 say: Optional[Log] = None, reuse_timings: bool = True) -> None:
         self.deployment, self.means = deployment, means
         self.timed: list[Candidate] = []
         self.table: Optional[LatencyTable] = None
+        self.cache: Optional[TimingCache] = None
         # Timed in a fresh process: this one measures damage on thousands of images first, after
         # which merged models timed up to 15% slower than in `bench` (timing.TimingWorker).
         self.worker = TimingWorker(on_fallback=say, in_process=lambda *args, **kwargs: compare_speed(*args, **kwargs))
@@ -404,6 +410,11 @@ class _Speeds:
             on = next(model.parameters()).device
             self.model = (model if on == device else copy.deepcopy(model).to(device)).eval()
             self.size = input_size(model)
+            context = timing_context(self.model, self.size, deployment.device, deployment.threads)
+            self.cache = TimingCache(cache_root(), context, reuse=reuse_timings, say=say)
+            if len(self.cache) and say is not None:
+                say(f"reusing the timings this machine stored for this model ({len(self.cache)} in {self.cache.path}; "
+                    f"--retime measures afresh)")
 
     def use_table(self, geom: ModelGeometry, candidates: Sequence[Candidate], say: Log) -> None:
         """Measure the latency table for ``candidates`` and set their ``table_speedup`` (nothing
@@ -428,10 +439,18 @@ class _Speeds:
         from vitcompress.convert import convert
 
         d = self.deployment
-        assert d is not None
+        assert d is not None and self.cache is not None
+        request = {"what": "plan", "batch_size": batch_size or d.batch_size, "seconds": seconds or d.seconds,
+                   "plan": _structure(plan)}
+        stored = self.cache.get(request)
+        if stored is not None:
+            return SpeedComparison(**stored)
         student = convert(self.model, plan, self.means).eval()
-        return self.worker.compare(self.model, student, self.size, batch_size=batch_size or d.batch_size, threads=d.threads,
-                                   device=d.device, seconds=seconds or d.seconds)
+        speed = self.worker.compare(self.model, student, self.size, batch_size=request["batch_size"], threads=d.threads,
+                                    device=d.device, seconds=request["seconds"])
+        if timing_spread(speed) <= NOISY_SPREAD:  # a busy machine's timing is not kept for the next run
+            self.cache.put(request, speed.to_dict())
+        return speed
 
     def time(self, c: Candidate) -> SpeedComparison:
         c.speed = self.measure(c.plan)
@@ -448,14 +467,25 @@ def _latency_table(speeds: _Speeds, geom: ModelGeometry, token_counts: Sequence[
     have the same shape), timed like a candidate (in the timing process); None for a block that
     is not split into timm's two residual branches (predictions then start from FLOPs)."""
     d = speeds.deployment
-    assert d is not None
+    assert d is not None and speeds.cache is not None
     try:
         halves = block_halves(speeds.model.blocks[0])
     except UnsupportedModelError:
         return None
+    request = {"what": "latency table", "batch_size": d.batch_size, "seconds": TABLE_TIMINGS * d.seconds,
+               "token_counts": sorted(set(int(n) for n in token_counts))}
+    stored = speeds.cache.get(request)
+    if stored is not None:  # JSON object keys are strings
+        return LatencyTable(**{half: {int(n): t for n, t in times.items()} for half, times in stored.items()})
     seconds = speeds.worker.time_token_counts(halves, geom.embed_dim, token_counts, batch_size=d.batch_size,
-                                              threads=d.threads, device=d.device, seconds=TABLE_TIMINGS * d.seconds)
+                                              threads=d.threads, device=d.device, seconds=request["seconds"])
+    speeds.cache.put(request, {"attention": seconds["attention"], "mlp": seconds["mlp"]})
     return LatencyTable(attention=seconds["attention"], mlp=seconds["mlp"])
+
+
+def _structure(plan: Plan) -> dict[str, Any]:
+    """What of a plan its speed depends on: all but its budget, method and records."""
+    return {k: v for k, v in plan.to_dict().items() if k not in ("budget", "method", "predicted", "measured")}
 
 
 # ---- the planner -----------------------------------------------------------------------------
@@ -479,6 +509,7 @@ def make_plan(
     max_stages: int = 2,
     shortlist: bool = False,
     tome_metric: str = DEFAULT_TOME_METRIC,
+    reuse_timings: bool = True,
     log: Optional[Log] = None,
 ) -> Plan:
     """Choose a plan for ``model`` (a stock timm ViT) that meets ``budget`` at the least damage.
@@ -501,6 +532,9 @@ def make_plan(
         tome_metric: what token-merging plans match tokens on (``TOME_METRICS``): ``"tokens"``
             (the default, less damaging) or ``"keys"`` (token merging as its authors publish it,
             the baseline ``benchmarks/frontier.py`` compares with).
+        reuse_timings: reuse the timings this machine stored for this model and deployment
+            (``vitcompress.timing_cache``: the same call then gives the same plan); False measures
+            every timing afresh. What is measured is stored either way.
     """
     check_supported(model)
     target = Budget.parse(budget)
@@ -513,7 +547,7 @@ def make_plan(
     geom = model_geometry(model)
     scores, selection = layer_scores(analysis, geom.depth, geom.num_tokens)
     deployment = deployment or Deployment()
-    speeds = _Speeds(model, deployment if measure_speed else None, attention_means, say)
+    speeds = _Speeds(model, deployment if measure_speed else None, attention_means, say, reuse_timings)
     with speeds.worker:  # the timing process ends with the search, also on an error
         meter = calibration if isinstance(calibration, DamageMeter) else None
         if calibration is not None and meter is None:
@@ -616,7 +650,7 @@ def _set_aside(c: Candidate) -> dict[str, Any]:
 
 def within_floor_spread(single: SpeedComparison, floor: Optional[float]) -> bool:
     """A batch-1 timing whose median is below ``floor`` but whose upper quartile reaches it: not
-    measurably slower, so the plan is kept, and says that a rerun may measure it either side."""
+    measurably slower, so the plan is kept, and says that a fresh timing (``--retime``) may measure it either side."""
     return floor is not None and single.speedup < floor <= single.speedup_q75
 
 
@@ -879,6 +913,7 @@ def _record(
         "deployment": deployment.to_dict() if deployment is not None else None,
         "damage": c.damage.to_dict() if c.damage else None,
         "part_damage": [{"change": _part_text(p), "kl": damages.parts[p].kl} for p in c.parts if p in damages.parts],
+        "timings": _cache_record(speeds.cache),
         "timed": [{"plan": t.plan.describe(), "family": t.family, "flop_speedup": t.flop_speedup,
                    "table_speedup": t.table_speedup, "speedup": t.speed.speedup, "kl": t.damage.kl if t.damage else None} for t in speeds.timed],  # type: ignore[union-attr]
     }
@@ -891,6 +926,14 @@ def _record(
     if not plan.measured["budget_met"]:
         warnings.warn(unreachable_message(plan), stacklevel=3)
     return plan
+
+
+def _cache_record(cache: Optional[TimingCache]) -> Optional[dict[str, Any]]:
+    """How many timings came from the machine's timing cache and how many were measured into it."""
+    if cache is None:
+        return None
+    return {"reused": cache.hits, "measured": cache.misses, "stored": cache.stored, "reuse": cache.reuse,
+            "cache": str(cache.path)}
 
 
 def _speedup_source(speeds: _Speeds, deployment: Optional[Deployment]) -> str:

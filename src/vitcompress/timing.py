@@ -34,6 +34,7 @@ import ctypes.util
 import gc
 import os
 import pickle
+import platform
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,19 @@ def torch_threads(threads: Optional[int]) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's or CPU's model name (what a timing ran on), else the machine type."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_sync(device: torch.device) -> Optional[Callable[[], None]]:

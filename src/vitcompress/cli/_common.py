@@ -261,6 +261,13 @@ SlowerAtBatch1Opt = Annotated[
                       "there, its timing's upper quartile below 1.0x, e.g. from token merging's per-block "
                       "overhead, is set aside for the best one that is not)."),
 ]
+RetimeOpt = Annotated[
+    bool,
+    typer.Option("--retime",
+                 help="Time every candidate afresh. By default timings this machine stored for the same model, "
+                      "deployment and vitcompress code (in $VITCOMPRESS_CACHE, else ~/.cache/vitcompress) are "
+                      "reused, so the same command gives the same plan; what is measured is stored either way."),
+]
 AllowBelowOpt = Annotated[
     bool,
     typer.Option("--allow-below-budget",

@@ -20,6 +20,7 @@ from vitcompress.cli._common import (
     LabelColumnOpt,
     ModelArg,
     RandomInitOpt,
+    RetimeOpt,
     SlowerAtBatch1Opt,
     WorkersOpt,
     check_output_file,
@@ -102,6 +103,7 @@ def compress_command(
     plan_batch_size: Annotated[int, typer.Option("--plan-batch-size", min=1, help="Batch size the planner times candidates at (the deployment's).")] = 32,
     allow_below_budget: AllowBelowOpt = False,
     allow_slower_at_batch_1: SlowerAtBatch1Opt = False,
+    retime: RetimeOpt = False,
     probe_steps: Annotated[int, typer.Option("--probe-steps", min=0, help="Probe-fine-tune the best plan of each family (static attention, GLAD, both, token merging) for this many steps and keep the one least damaged after it (0: choose on training-free damage).")] = 0,
     no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Plan from FLOPs only (no timing).")] = False,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Images for the attention analysis.")] = 256,
@@ -132,7 +134,8 @@ def compress_command(
 
     planning = PlanOptions(method="tome" if tome_r is not None else method, calibration_images=calibration_images,
                            batch_size=plan_batch_size, threads=threads, probe_steps=probe_steps,
-                           batch1_floor=None if allow_slower_at_batch_1 else 1.0, allow_below_budget=allow_below_budget)
+                           batch1_floor=None if allow_slower_at_batch_1 else 1.0, allow_below_budget=allow_below_budget,
+                           reuse_timings=not retime)
     result = compress(
         model, budget, data=data, split=split, val_split=val_split, image_column=image_column, label_column=label_column,
         analysis=analysis, plan=plan, finetune=not no_finetune, config=config, output=output, force=force,

@@ -20,6 +20,7 @@ from vitcompress.cli._common import (
     ModelArg,
     NumClassesOpt,
     RandomInitOpt,
+    RetimeOpt,
     SlowerAtBatch1Opt,
     check_output_folder,
     fail,
@@ -78,6 +79,7 @@ def plan_command(
     num_classes: NumClassesOpt = None,
     allow_below_budget: AllowBelowOpt = False,
     allow_slower_at_batch_1: SlowerAtBatch1Opt = False,
+    retime: RetimeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose what to compress so that the measured speed-up meets --budget at the least damage.
@@ -88,7 +90,8 @@ def plan_command(
     on --device at --batch-size with --threads. Prints the plan (per block: kind, tokens, FLOPs,
     measured damage of each change) and writes plan.json. The chosen plan is also timed at batch 1:
     one slower than the original there is set aside for the best plan that is not (unless
-    --allow-slower-at-batch-1). When the budget cannot be met it shows
+    --allow-slower-at-batch-1). Timings this machine stored for the same model and deployment are
+    reused, so the same command gives the same plan (--retime: time afresh). When the budget cannot be met it shows
     the fastest plan and exits with code 2, unless --allow-below-budget.
     """
     from vitcompress.plan_types import METHODS, Budget
@@ -114,7 +117,7 @@ def plan_command(
             attention_means=getattr(recorded, "attention_means", None),
             deployment=Deployment(device=device, batch_size=batch_size, threads=threads,
                                   batch1_floor=None if allow_slower_at_batch_1 else 1.0),
-            measure_speed=not no_calibrate, log=note,
+            measure_speed=not no_calibrate, reuse_timings=not retime, log=note,
         )
     met = budget_met(plan)
     if as_json:
@@ -211,9 +214,14 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
         for tie in m.get("near_ties", []):
             _say(f"[yellow]near-tie:[/] {tie['plan']} is less damaging (KL {tie['kl_less']:.4f} less, standard error "
                  f"{tie['kl_less_se']:.4f}, on {tie['images']} images) but timed {tie['speedup']:.2f}x "
-                 f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a rerun may choose it")
+                 f"(upper quartile {tie['speedup_q75']:.2f}x): the timing decided, a fresh timing (--retime) may choose it")
         if m.get("near_tie") and not m.get("near_ties"):
-            _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a rerun may choose another plan")
+            _say("[yellow]note:[/] the measured speed-up is within timing noise of the budget: a fresh timing (--retime) "
+                 "may choose another plan")
+        timings = m.get("timings")
+        if timings and timings["reused"]:
+            _say(f"timings: {timings['reused']} reused from this machine's timing cache, {timings['measured']} measured "
+                 f"({timings['cache']}; --retime measures afresh)")
         noisy = noisy_timing_message(plan)
         if noisy:
             _say(f"[yellow]warning:[/] {noisy}")
@@ -234,7 +242,7 @@ def _print_plan(name: str, plan: Any, analysis: Any) -> None:
 def _batch1_verdict(measured: dict, single: dict) -> str:
     if measured.get("batch1_within_spread"):
         return (": within the timing's spread of the original, so not measurably slower and kept "
-                "[yellow](a rerun may measure it either side of 1.00x)[/]")
+                "[yellow](a fresh timing, --retime, may measure it either side of 1.00x)[/]")
     if single["speedup"] < 1.0:
         return " [yellow](slower than the original: plan with --batch-size 1 to serve single images)[/]"
     return ""
