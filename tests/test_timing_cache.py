@@ -178,3 +178,31 @@ def test_the_latency_table_is_reused_with_integer_token_counts(monkeypatch: pyte
     PLAN._latency_table(PLAN._Speeds(model, deploy, None, reuse_timings=False), geom, [17, 9, 5])
     PLAN._latency_table(PLAN._Speeds(model, deploy, None), geom, [17, 9])  # other token counts: another table
     assert len(calls) == 3
+
+
+def test_an_entry_edited_out_of_shape_is_timed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_vit()
+    geom = model_geometry(model)
+    calls = []
+
+    def fake(baseline, student, size, **kwargs):
+        calls.append(1)
+        return _speed(1.3)
+
+    monkeypatch.setattr(PLAN, "compare_speed", fake)
+    monkeypatch.setattr(PLAN.TimingWorker, "time_token_counts",
+                        lambda self, halves, width, counts, **kw: calls.append(2) or {"attention": {n: 1.0 for n in counts},
+                                                                                      "mlp": {n: 2.0 for n in counts}})
+    deploy = Deployment(batch_size=4, threads=1, seconds=0.01)
+    plan = PLAN._plan(geom, "tome", merges=[2, 1, 0, 0])
+    first = PLAN._Speeds(model, deploy, None)
+    first.measure(plan)
+    PLAN._latency_table(first, geom, [17, 9])
+    path = first.cache.path
+    data = json.loads(path.read_text())
+    data["entries"] = {key: ({"speedup": "fast"} if '"plan"' in key else {"attention": [1, 2]}) for key in data["entries"]}
+    path.write_text(json.dumps(data))
+    second = PLAN._Speeds(model, deploy, None)
+    assert second.measure(plan).speedup == pytest.approx(1.3)
+    assert PLAN._latency_table(second, geom, [17, 9]).mlp == {9: 2.0, 17: 2.0}
+    assert calls == [1, 2, 1, 2]  # both timed again

@@ -442,9 +442,9 @@ class _Speeds:
         assert d is not None and self.cache is not None
         request = {"what": "plan", "batch_size": batch_size or d.batch_size, "seconds": seconds or d.seconds,
                    "plan": _structure(plan)}
-        stored = self.cache.get(request)
+        stored = _decoded(self.cache.get(request), lambda d: SpeedComparison(**d))
         if stored is not None:
-            return SpeedComparison(**stored)
+            return stored
         student = convert(self.model, plan, self.means).eval()
         speed = self.worker.compare(self.model, student, self.size, batch_size=request["batch_size"], threads=d.threads,
                                     device=d.device, seconds=request["seconds"])
@@ -474,13 +474,24 @@ def _latency_table(speeds: _Speeds, geom: ModelGeometry, token_counts: Sequence[
         return None
     request = {"what": "latency table", "batch_size": d.batch_size, "seconds": TABLE_TIMINGS * d.seconds,
                "token_counts": sorted(set(int(n) for n in token_counts))}
-    stored = speeds.cache.get(request)
-    if stored is not None:  # JSON object keys are strings
-        return LatencyTable(**{half: {int(n): t for n, t in times.items()} for half, times in stored.items()})
+    stored = _decoded(speeds.cache.get(request),  # JSON object keys are strings
+                      lambda d: LatencyTable(**{half: {int(n): float(t) for n, t in times.items()} for half, times in d.items()}))
+    if stored is not None:
+        return stored
     seconds = speeds.worker.time_token_counts(halves, geom.embed_dim, token_counts, batch_size=d.batch_size,
                                               threads=d.threads, device=d.device, seconds=request["seconds"])
     speeds.cache.put(request, {"attention": seconds["attention"], "mlp": seconds["mlp"]})
     return LatencyTable(attention=seconds["attention"], mlp=seconds["mlp"])
+
+
+def _decoded(stored: Any, decode: Callable[[Any], Any]) -> Any:
+    """A stored timing decoded, or None (not stored, or an entry edited out of shape: timed again)."""
+    if stored is None:
+        return None
+    try:
+        return decode(stored)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _structure(plan: Plan) -> dict[str, Any]:
